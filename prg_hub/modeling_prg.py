@@ -1,0 +1,289 @@
+"""PRG models: a flow-matching velocity network used in reverse as a feature extractor and classifier.
+
+`PRGModel` holds the velocity network v_θ(x, t) (a diffusers UNet2D or DiT behind `backbones.VelocityBackbone`).
+
+* Features: integrate dx/dt = v_θ(x, t) from the image at t = 0 to t = `feature_t` (1 is noise) and return
+  x_{feature_t}, shape (B, C, H, W), as `last_hidden_state`; `pooler_output` is x_{feature_t} average-pooled to
+  `head_pool_size`² per channel and flattened, shape (B, C · head_pool_size²), which is what the PRG head reads.
+* Pretraining: `flow_matching_loss` (GVP, ICFM or OT-CFM, see `paths.py`).
+* Generation: `generate` integrates from noise at t = 1 to data at t = 0.
+
+`PRGForImageClassification` puts the PRG head on `pooler_output`:
+LayerNorm(C·p²) → Linear(C·p², hidden) → Tanh → Linear(hidden, num_labels), and is trained with
+L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L_FM term only when β > 0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from .backbones import backbone_type_of, build_backbone
+from .configuration_prg import PRGConfig, check_feature_t
+from .paths import get_path
+from .solvers import check_num_steps, integrate
+
+
+class PRGPreTrainedModel(PreTrainedModel):
+    """Shared loading, initialisation and checkpointing behaviour of the PRG models."""
+
+    config_class = PRGConfig
+    base_model_prefix = "prg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise only PRG's own layers; the diffusers network keeps its own initialisation.
+
+        DiT's sin-cos positional embedding is a non-persistent buffer, absent from checkpoints, so it is recomputed
+        here: `from_pretrained` builds the model on the meta device and would otherwise leave it undefined.
+        """
+        if isinstance(module, PRGHead):
+            for layer in (module.hidden, module.classifier):
+                init.normal_(layer.weight, std=0.02)
+                init.zeros_(layer.bias)
+            init.ones_(module.norm.weight)
+            init.zeros_(module.norm.bias)
+        elif isinstance(module, PatchEmbed) and module.pos_embed is not None:
+            pos_embed = get_2d_sincos_pos_embed(
+                module.pos_embed.shape[-1],
+                (module.height, module.width),
+                base_size=module.base_size,
+                interpolation_scale=module.interpolation_scale,
+                output_type="pt",
+            )
+            init.copy_(module.pos_embed, pos_embed.float().unsqueeze(0))
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
+        """`activation_checkpointing_enable()` turns on per-solver-step checkpointing (config.gradient_checkpointing)."""
+        self.config.gradient_checkpointing = enable
+
+    def _backward_compatibility_gradient_checkpointing(self):
+        """PRG reads `config.gradient_checkpointing` at every forward and keeps it in the saved config."""
+
+    @classmethod
+    def from_diffusers(cls, network: nn.Module, path: str = "otcfm", **config_kwargs) -> "PRGPreTrainedModel":
+        """Wrap an existing diffusers `UNet2DModel` or `DiTTransformer2DModel`, weights included.
+
+        Args:
+            network: the velocity network; its config becomes `backbone_config` (private `_` keys dropped).
+            path: the flow-matching path it was (or will be) trained with.
+            config_kwargs: any other `PRGConfig` field (num_steps, feature_t, num_labels, …).
+        """
+        backbone_type = backbone_type_of(network)
+        backbone_config = {k: v for k, v in network.config.items() if not k.startswith("_")}
+        backbone_config = json.loads(json.dumps(backbone_config))  # tuples -> lists, as a saved config holds them
+        config = PRGConfig(backbone_type=backbone_type, backbone_config=backbone_config, path=path, **config_kwargs)
+        model = cls(config)
+        model.base_model.velocity.network.load_state_dict(network.state_dict())
+        return model
+
+
+class PRGModel(PRGPreTrainedModel):
+    """The velocity network v_θ and the reversed-ODE feature extractor. See the module docstring."""
+
+    # A classifier checkpoint loads into PRGModel without its head, silently (as ViTModel from a ViT classifier).
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+
+    def __init__(self, config: PRGConfig):
+        super().__init__(config)
+        self.velocity = build_backbone(config.backbone_type, config.backbone_config, config.time_scale)
+        self.probability_path = get_path(config.path)
+        self.pool = nn.AdaptiveAvgPool2d(config.head_pool_size)
+        self.post_init()
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem if `pixel_values` is not a finite (B, C, H, W) batch it can take."""
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
+            raise ValueError(
+                f"pixel_values must be a floating-point torch.Tensor of shape (B, C, H, W) in [-1, 1], got {got}. "
+                "Use PRGImageProcessor to convert images."
+            )
+        channels = self.config.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (B, {channels}, H, W) for this {channels}-channel model, got "
+                f"{tuple(pixel_values.shape)}. Use PRGImageProcessor, which converts images to RGB."
+            )
+        self.velocity.check_spatial_size(*pixel_values.shape[-2:])
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError(
+                "pixel_values contains NaN or Inf values; the reversed ODE needs finite inputs in [-1, 1]. "
+                "Check the image decoding and normalisation."
+            )
+
+    def encode(
+        self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
+    ) -> list[torch.Tensor]:
+        """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`."""
+        return integrate(
+            self.velocity,
+            pixel_values,
+            0.0,
+            feature_t,
+            num_steps,
+            solver=self.config.solver,
+            checkpoint=self.config.gradient_checkpointing,
+            adjoint=self.config.adjoint,
+            rtol=self.config.ode_rtol,
+            atol=self.config.ode_atol,
+            return_trajectory=return_trajectory,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        feature_t: float | None = None,
+        num_steps: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Reverse the flow from the images to `feature_t`.
+
+        Args:
+            pixel_values: images in [-1, 1], shape (B, C, H, W).
+            feature_t, num_steps: override the config's values for this call.
+            output_hidden_states: also return the trajectory x_{t_0}, …, x_{t_num_steps} (num_steps + 1 tensors of
+                shape (B, C, H, W), t_0 = 0 and the last = feature_t).
+
+        Returns:
+            `BaseModelOutputWithPooling` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
+            hidden_states.
+        """
+        feature_t = self.config.feature_t if feature_t is None else feature_t
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_feature_t(feature_t)
+        check_num_steps(num_steps)
+        self.check_pixel_values(pixel_values)
+
+        trajectory = self.encode(pixel_values, feature_t, num_steps, return_trajectory=output_hidden_states)
+        features = trajectory[-1]
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=features,
+            pooler_output=self.pool(features).flatten(1),
+            hidden_states=tuple(trajectory) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def flow_matching_loss(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """L_FM on a batch of images in [-1, 1], shape (B, C, H, W): mean over all elements of (v_θ(x_t, t) − u_t)²."""
+        self.check_pixel_values(pixel_values)
+        return self.probability_path.flow_matching_loss(self.velocity, pixel_values, generator)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_images: int = 1,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        """Sample images: draw ε ~ N(0, I) at t = 1 and integrate to t = 0.
+
+        Returns a tensor of shape (num_images, C, H, W) clamped to [-1, 1].
+        """
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}.")
+        shape = (num_images, self.config.num_channels, self.config.image_size, self.config.image_size)
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        images = integrate(
+            self.velocity,
+            noise,
+            1.0,
+            0.0,
+            self.config.num_steps if num_steps is None else num_steps,
+            solver=self.config.solver if solver is None else solver,
+            rtol=self.config.ode_rtol,
+            atol=self.config.ode_atol,
+        )[-1]
+        return images.clamp(-1.0, 1.0)
+
+
+class PRGHead(nn.Module):
+    """The PRG classification head on pooled features (B, C·p²): LayerNorm → Linear → Tanh → Linear → (B, num_labels)."""
+
+    def __init__(self, config: PRGConfig):
+        super().__init__()
+        in_features = config.num_channels * config.head_pool_size**2
+        self.norm = nn.LayerNorm(in_features)
+        self.hidden = nn.Linear(in_features, config.head_hidden_size)
+        self.classifier = nn.Linear(config.head_hidden_size, config.num_labels)
+
+    def forward(self, pooled_features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.hidden(self.norm(pooled_features))))
+
+
+class PRGForImageClassification(PRGPreTrainedModel):
+    """`PRGModel` plus the PRG head, finetuned end to end through the ODE solver."""
+
+    def __init__(self, config: PRGConfig):
+        super().__init__(config)
+        self.prg = PRGModel(config)
+        self.head = PRGHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        feature_t: float | None = None,
+        num_steps: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """Classify images in [-1, 1], shape (B, C, H, W).
+
+        With `labels` (B,) of class indices, `loss` = CE(logits, labels; label_smoothing) + β·L_FM(pixel_values)
+        where the L_FM term is added only when β = `config.fm_loss_weight` > 0.
+        Returns `ImageClassifierOutput` with logits (B, num_labels).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        features = self.prg(
+            pixel_values,
+            feature_t=feature_t,
+            num_steps=num_steps,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.head(features.pooler_output)
+
+        loss = None
+        if labels is not None:
+            self._check_labels(labels, pixel_values.shape[0])
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+            if self.config.fm_loss_weight > 0:
+                loss = loss + self.config.fm_loss_weight * self.prg.flow_matching_loss(pixel_values)
+
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
+        num_labels = self.config.num_labels
+        if labels.shape != (batch_size,) or labels.is_floating_point():
+            raise ValueError(
+                f"labels must be integer class indices of shape ({batch_size},), got {labels.dtype} of shape "
+                f"{tuple(labels.shape)}."
+            )
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+            raise ValueError(
+                f"labels must be in [0, {num_labels}) for this {num_labels}-label model, got values from "
+                f"{labels.min().item()} to {labels.max().item()}. Set num_labels/id2label in the config to match "
+                "the data set."
+            )

@@ -1,0 +1,150 @@
+"""ODE solvers for dx/dt = v(x, t) on a uniform time grid.
+
+Two families, one entry point (`integrate`):
+
+* **Fixed-grid** `euler`, `heun` and `midpoint`, written as plain torch loops. Backpropagating through them
+  gives the exact gradient of the discrete solution. With `checkpoint=True` each step is recomputed in the
+  backward pass (`torch.utils.checkpoint`), so activation memory is that of one network evaluation plus the
+  (B, C, H, W) states at the grid points, whatever the number of steps.
+* **torchdiffeq**, for every method it implements (adaptive `dopri5`, `bosh3`, …, and fixed `rk4`, …), and for
+  `adjoint=True` (`odeint_adjoint`: memory independent of the steps, gradients approximate to solver tolerance).
+
+With h = t_{k+1} − t_k (negative when integrating towards t = 0), the fixed-grid updates are
+
+    euler:     x_{k+1} = x_k + h·v(x_k, t_k)                                             order 1
+    heun:      x̃ = x_k + h·v(x_k, t_k);  x_{k+1} = x_k + h/2·(v(x_k, t_k) + v(x̃, t_{k+1}))   order 2
+    midpoint:  x̃ = x_k + h/2·v(x_k, t_k); x_{k+1} = x_k + h·v(x̃, t_k + h/2)                order 2
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchdiffeq
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _slope(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v(x, t) for a scalar time t: the velocity sees t repeated for each sample, shape (B,)."""
+    return velocity(x, t.expand(x.shape[0]))
+
+
+def _euler_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+    return x + (t1 - t0) * _slope(velocity, x, t0)
+
+
+def _heun_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+    h = t1 - t0
+    slope_start = _slope(velocity, x, t0)
+    slope_end = _slope(velocity, x + h * slope_start, t1)
+    return x + 0.5 * h * (slope_start + slope_end)
+
+
+def _midpoint_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+    h = t1 - t0
+    x_half = x + 0.5 * h * _slope(velocity, x, t0)
+    return x + h * _slope(velocity, x_half, t0 + 0.5 * h)
+
+
+FIXED_GRID_STEPS = {"euler": _euler_step, "heun": _heun_step, "midpoint": _midpoint_step}
+# Our fixed-grid solvers take precedence over torchdiffeq's methods of the same name; torchdiffeq's equivalent
+# is used when the adjoint is requested.
+ADJOINT_EQUIVALENT = {"euler": "euler", "heun": "heun2", "midpoint": "midpoint"}
+SOLVERS: tuple[str, ...] = tuple(FIXED_GRID_STEPS) + tuple(m for m in TORCHDIFFEQ_METHODS if m not in FIXED_GRID_STEPS)
+
+
+def check_solver(solver: str) -> None:
+    """Raise a ValueError naming `solver` and the allowed names if it is not a known method."""
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}: allowed solvers are {list(SOLVERS)}.")
+
+
+def time_grid(
+    t_start: float, t_end: float, num_steps: int, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform grid of `num_steps` + 1 times from t_start to t_end, shape (num_steps + 1,)."""
+    check_num_steps(num_steps)
+    return torch.linspace(t_start, t_end, num_steps + 1, device=device, dtype=dtype)
+
+
+def check_num_steps(num_steps: int) -> None:
+    """Raise a ValueError unless `num_steps` is an integer >= 1."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+
+
+class _TorchdiffeqField(nn.Module):
+    """Adapts v(x, t) with t of shape (B,) to torchdiffeq's f(t, x) with a scalar t."""
+
+    def __init__(self, velocity: nn.Module):
+        super().__init__()
+        self.velocity = velocity
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.velocity(x, t.expand(x.shape[0]))
+
+
+def integrate(
+    velocity: VelocityFn,
+    x: torch.Tensor,
+    t_start: float,
+    t_end: float,
+    num_steps: int,
+    solver: str = "euler",
+    checkpoint: bool = False,
+    adjoint: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    return_trajectory: bool = False,
+) -> list[torch.Tensor]:
+    """Solve dx/dt = v(x, t) from t_start to t_end on a uniform grid of `num_steps` intervals.
+
+    Args:
+        velocity: v(x, t) with x of shape (B, ...) and t of shape (B,); returns a tensor shaped like x.
+            With `adjoint=True` it must be an `nn.Module` (its parameters get adjoint gradients).
+        x: the state at t_start, shape (B, ...).
+        t_start, t_end: integration limits, in either order (t = 0 data, t = 1 noise).
+        num_steps: number of grid intervals (>= 1). Adaptive methods report the state at these grid times.
+        solver: a name from `SOLVERS`.
+        checkpoint: recompute each fixed-grid step in the backward pass instead of storing its activations.
+        adjoint: use `torchdiffeq.odeint_adjoint` (memory independent of steps, approximate gradients).
+        rtol, atol: tolerances of adaptive torchdiffeq methods.
+        return_trajectory: return the state at every grid time instead of only the last one.
+
+    Returns:
+        A list of tensors shaped like x: the states at the grid times t_0 = t_start, …, t_num_steps = t_end
+        when `return_trajectory`, else a one-element list holding the state at t_end.
+    """
+    check_solver(solver)
+    grid_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grid = time_grid(t_start, t_end, num_steps, device=x.device, dtype=grid_dtype)
+
+    if solver in FIXED_GRID_STEPS and not adjoint:
+        step = FIXED_GRID_STEPS[solver]
+        states = [x]
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            if checkpoint and torch.is_grad_enabled():
+                x = activation_checkpoint(step, velocity, x, t0, t1, use_reentrant=False)
+            else:
+                x = step(velocity, x, t0, t1)
+            if return_trajectory:
+                states.append(x)
+        return states if return_trajectory else [x]
+
+    method = ADJOINT_EQUIVALENT.get(solver, solver)
+    field = _TorchdiffeqField(velocity)
+    if adjoint:
+        if not isinstance(velocity, nn.Module):
+            raise TypeError("adjoint=True needs the velocity to be an nn.Module so its parameters get gradients.")
+        solution = torchdiffeq.odeint_adjoint(
+            field, x, grid, method=method, rtol=rtol, atol=atol, adjoint_params=tuple(velocity.parameters())
+        )
+    else:
+        solution = torchdiffeq.odeint(field, x, grid, method=method, rtol=rtol, atol=atol)
+    return list(solution.unbind(0)) if return_trajectory else [solution[-1]]
+

@@ -1,0 +1,113 @@
+"""Bad input gets a ValueError that names the value and what is allowed."""
+
+import pytest
+import torch
+
+from prg_hub import PRGConfig, PRGForImageClassification, PRGModel
+
+
+@pytest.fixture(scope="module")
+def unet_model():
+    return PRGModel(PRGConfig(num_steps=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def dit_model():
+    return PRGModel(PRGConfig(backbone_type="dit", num_steps=1)).eval()
+
+
+def test_wrong_channel_count(unet_model):
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\).*got \(2, 1, 32, 32\).*PRGImageProcessor"):
+        unet_model(torch.zeros(2, 1, 32, 32))
+
+
+def test_missing_batch_dimension(unet_model):
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\).*got \(3, 32, 32\)"):
+        unet_model(torch.zeros(3, 32, 32))
+
+
+def test_integer_pixels_are_refused(unet_model):
+    with pytest.raises(ValueError, match=r"floating-point.*got torch.uint8"):
+        unet_model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_spatial_size_the_unet_cannot_take(unet_model):
+    with pytest.raises(ValueError, match=r"multiples of 2; got 31x32"):
+        unet_model(torch.zeros(1, 3, 31, 32))
+
+
+@pytest.mark.parametrize("shape, problem", [((1, 3, 32, 30), "got 32x30"), ((1, 3, 30, 30), "got 30x30")])
+def test_spatial_size_the_dit_cannot_take(dit_model, shape, problem):
+    with pytest.raises(ValueError, match=rf"square images whose side is a multiple of its patch size 4; {problem}"):
+        dit_model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_pixels(unet_model, bad_value):
+    pixels = torch.zeros(2, 3, 32, 32)
+    pixels[1, 2, 5, 7] = bad_value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        unet_model(pixels)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        unet_model.flow_matching_loss(pixels)
+
+
+@pytest.mark.parametrize("feature_t", [0, 0.0, -0.5, 1.01, 2])
+def test_feature_t_outside_zero_one(unet_model, feature_t):
+    with pytest.raises(ValueError, match=rf"feature_t must be in \(0, 1\].*got {feature_t}"):
+        PRGConfig(feature_t=feature_t)
+    with pytest.raises(ValueError, match=rf"feature_t must be in \(0, 1\].*got {feature_t}"):
+        unet_model(torch.zeros(1, 3, 32, 32), feature_t=feature_t)
+
+
+@pytest.mark.parametrize("num_steps", [0, -3])
+def test_num_steps_below_one(unet_model, num_steps):
+    with pytest.raises(ValueError, match=rf"num_steps must be an integer >= 1, got {num_steps}"):
+        PRGConfig(num_steps=num_steps)
+    with pytest.raises(ValueError, match=rf"num_steps must be an integer >= 1, got {num_steps}"):
+        unet_model(torch.zeros(1, 3, 32, 32), num_steps=num_steps)
+    with pytest.raises(ValueError, match=rf"num_steps must be an integer >= 1, got {num_steps}"):
+        unet_model.generate(1, num_steps=num_steps)
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("path", "ddpm", r"allowed paths are \['gvp', 'icfm', 'otcfm'\]"),
+        ("backbone_type", "resnet", r"allowed backbones are \['dit', 'unet2d'\]"),
+        ("solver", "rk45", r"allowed solvers are \['euler', 'heun', 'midpoint', .*'dopri5'"),
+    ],
+)
+def test_unknown_path_backbone_or_solver(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"Unknown {field} '{value}': {allowed}"):
+        PRGConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1.0"),
+        ({"fm_loss_weight": -0.1}, r"fm_loss_weight \(β\) must be a finite number >= 0, got -0.1"),
+        ({"image_size": 64, "backbone_config": {"sample_size": 32}}, r"backbone_config\['sample_size'\] = 32 .* image_size = 64"),
+        ({"backbone_config": {"in_channels": 3, "out_channels": 1}}, r"out_channels'\] = 1 but num_channels = 3"),
+    ],
+)
+def test_out_of_range_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PRGConfig(**kwargs)
+
+
+def test_labels_outside_the_label_set():
+    model = PRGForImageClassification(PRGConfig(num_steps=1, num_labels=3)).eval()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\).*got values from 0 to 7"):
+        model(torch.zeros(2, 3, 32, 32), labels=torch.tensor([0, 7]))
+
+
+def test_generate_needs_a_positive_image_count(unet_model):
+    with pytest.raises(ValueError, match="num_images must be an integer >= 1, got 0"):
+        unet_model.generate(num_images=0)
+
+
+def test_wrapping_an_unsupported_network():
+    with pytest.raises(ValueError, match=r"Cannot wrap a Linear: supported networks are UNet2DModel, DiTTransformer2DModel"):
+        PRGModel.from_diffusers(torch.nn.Linear(2, 2))

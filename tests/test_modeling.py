@@ -1,0 +1,196 @@
+"""PRGModel and PRGForImageClassification: outputs, losses, generation, wrapping, saving and Auto loading."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+
+LABELS = {0: "cat", 1: "dog", 2: "frog"}
+MINI_UNET = {  # a fast UNet2DModel for 8×8 images, for optimisation tests
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
+
+
+def tiny_classifier(backbone_type="unet2d", **overrides):
+    torch.manual_seed(0)
+    config = PRGConfig(backbone_type=backbone_type, num_steps=2, id2label=LABELS, **overrides)
+    return PRGForImageClassification(config).eval()
+
+
+def images(batch=2, size=32, seed=0):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("backbone_type", ["unet2d", "dit"])
+def test_save_and_load_round_trip_is_exact(tmp_path, backbone_type):
+    model = tiny_classifier(backbone_type)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+    reloaded = PRGForImageClassification.from_pretrained(tmp_path).eval()
+    saved = load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    for (name, buffer), (_, reloaded_buffer) in zip(model.named_buffers(), reloaded.named_buffers()):
+        assert torch.equal(buffer, reloaded_buffer), name  # DiT's recomputed positional embedding included
+    x = images()
+    with torch.no_grad():
+        assert (model(x).logits - reloaded(x).logits).abs().max().item() == 0.0
+    assert reloaded.config.to_dict() | {"_name_or_path": ""} == model.config.to_dict() | {"_name_or_path": ""}
+
+
+def test_auto_classes_load_prg_checkpoints(tmp_path):
+    model = tiny_classifier()
+    model.save_pretrained(tmp_path)
+    PRGImageProcessor().save_pretrained(tmp_path)
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PRGConfig)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), PRGImageProcessor)
+    classifier = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(classifier, PRGForImageClassification)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(base, PRGModel)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(base(x).last_hidden_state, model.prg(x).last_hidden_state, rtol=0, atol=0)
+
+
+def test_feature_output_shapes_and_trajectory():
+    model = PRGModel(PRGConfig(num_steps=3)).eval()
+    x = images(batch=2)
+    with torch.no_grad():
+        output = model(x, output_hidden_states=True)
+    assert output.last_hidden_state.shape == (2, 3, 32, 32)
+    assert output.pooler_output.shape == (2, 3 * 16 * 16)
+    assert len(output.hidden_states) == 4
+    assert torch.equal(output.hidden_states[0], x)
+    assert torch.equal(output.hidden_states[-1], output.last_hidden_state)
+    torch.testing.assert_close(output.pooler_output, F.avg_pool2d(output.last_hidden_state, 2).flatten(1))
+    with torch.no_grad():
+        assert model(x).hidden_states is None
+        assert not torch.equal(model(x, feature_t=0.5).last_hidden_state, output.last_hidden_state)
+
+
+def test_feature_is_one_euler_step_of_the_network_velocity():
+    model = PRGModel(PRGConfig(num_steps=1, feature_t=0.25)).eval()
+    x = images()
+    with torch.no_grad():
+        expected = x + 0.25 * model.velocity.network(x, torch.zeros(2)).sample
+        torch.testing.assert_close(model(x).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("path", ["gvp", "icfm", "otcfm"])
+def test_flow_matching_loss_goes_down_when_overfitting_a_tiny_batch(path):
+    torch.manual_seed(0)
+    model = PRGModel(PRGConfig(path=path, image_size=8, backbone_config=dict(MINI_UNET)))
+    batch = images(batch=4, size=8, seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def evaluation_loss():  # averaged over 16 fixed draws of (t, ε) per image
+        with torch.no_grad():
+            return model.flow_matching_loss(batch.repeat(16, 1, 1, 1), torch.Generator().manual_seed(7)).item()
+
+    before = evaluation_loss()
+    for _ in range(40):
+        optimizer.zero_grad()
+        model.flow_matching_loss(batch.repeat(4, 1, 1, 1)).backward()
+        optimizer.step()
+    assert evaluation_loss() < 0.75 * before
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_classifier_loss_adds_beta_times_flow_matching_loss_exactly_when_beta_positive(beta):
+    model = tiny_classifier(fm_loss_weight=beta, label_smoothing=0.1)
+    x, labels = images(), torch.tensor([0, 2])
+    torch.manual_seed(123)
+    loss = model(x, labels=labels).loss
+    torch.manual_seed(123)
+    cross_entropy = F.cross_entropy(model(x).logits, labels, label_smoothing=0.1)
+    flow_matching = model.prg.flow_matching_loss(x)
+    if beta > 0:
+        torch.testing.assert_close(loss, cross_entropy + beta * flow_matching, rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(loss, cross_entropy, rtol=0, atol=0)
+        assert flow_matching.item() > 1e-3  # so the β > 0 case really adds something
+
+
+def test_generate_returns_images_in_range():
+    model = PRGModel(PRGConfig(num_steps=2)).eval()
+    first = model.generate(num_images=3, generator=torch.Generator().manual_seed(0))
+    second = model.generate(num_images=3, generator=torch.Generator().manual_seed(0))
+    assert first.shape == (3, 3, 32, 32)
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, second)
+
+
+def test_generate_integrates_noise_to_data_with_the_network():
+    model = PRGModel(PRGConfig(num_steps=1, solver="euler")).eval()
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = (noise - model.velocity.network(noise, torch.full((2,), 1000.0)).sample).clamp(-1, 1)
+    torch.testing.assert_close(model.generate(2, generator=torch.Generator().manual_seed(5)), expected)
+
+
+def test_from_diffusers_wraps_an_existing_unet_with_its_weights():
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    ).eval()
+    model = PRGModel.from_diffusers(unet, path="icfm", num_steps=4).eval()
+    assert model.config.backbone_type == "unet2d" and model.config.image_size == 16 and model.config.path == "icfm"
+    x, t = images(size=16), torch.tensor([0.1, 0.9])
+    with torch.no_grad():
+        torch.testing.assert_close(model.velocity(x, t), unet(x, t * 1000).sample, rtol=0, atol=0)
+
+
+def test_from_diffusers_wraps_a_dit_into_a_classifier(tmp_path):
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=1, sample_size=16,
+        patch_size=4, num_embeds_ada_norm=1,
+    ).eval()
+    classifier = PRGForImageClassification.from_diffusers(dit, path="gvp", num_labels=4).eval()
+    x, t = images(size=16), torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        expected = dit(x, t * 1000, class_labels=torch.tensor([1, 1])).sample
+        torch.testing.assert_close(classifier.prg.velocity(x, t), expected, rtol=0, atol=0)
+    classifier.save_pretrained(tmp_path)
+    reloaded = PRGForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, classifier(x).logits)
+
+
+def test_classifier_starts_from_a_flow_checkpoint(tmp_path):
+    flow = PRGModel(PRGConfig()).eval()
+    flow.save_pretrained(tmp_path)
+    classifier = PRGForImageClassification.from_pretrained(tmp_path, num_labels=5).eval()
+    for name, tensor in flow.state_dict().items():
+        assert torch.equal(classifier.prg.state_dict()[name], tensor), name
+    assert classifier.head.classifier.weight.shape == (5, 768)
+    assert classifier.head.classifier.weight.std().item() > 0  # the new head is initialised, not left empty
+
+
+def test_per_step_checkpointing_keeps_gradients_and_follows_the_config():
+    gradients = []
+    for enabled in (False, True):
+        model = tiny_classifier(gradient_checkpointing=enabled).train()
+        model(images(), labels=torch.tensor([1, 2])).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters()})
+    for name, plain in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], plain, rtol=1e-5, atol=1e-7)
+
+    model = tiny_classifier()
+    model.activation_checkpointing_enable()
+    assert model.config.gradient_checkpointing is True

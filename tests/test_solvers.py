@@ -1,0 +1,123 @@
+"""Solvers: convergence order, reversibility, exact gradients, checkpointing and torchdiffeq methods."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prg_hub.solvers import SOLVERS, integrate
+
+RATE = -1.3  # dx/dt = RATE·x has the solution x(t) = x(0)·exp(RATE·t)
+
+
+def linear_velocity(x, t):
+    return RATE * x
+
+
+def _error_at_one(solver, num_steps):
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    x1 = integrate(linear_velocity, x0, 0.0, 1.0, num_steps, solver=solver)[-1]
+    return abs(x1.item() - math.exp(RATE))
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2), ("midpoint", 2)])
+def test_measured_convergence_order(solver, order):
+    errors = [_error_at_one(solver, n) for n in (16, 32, 64)]
+    measured = [math.log2(coarse / fine) for coarse, fine in zip(errors, errors[1:])]
+    for value in measured:
+        assert value == pytest.approx(order, abs=0.1), f"{solver}: measured orders {measured}"
+
+
+class SmoothField(nn.Module):
+    """v(x, t) = W·tanh(x)·(1 + t) + b: smooth and Lipschitz, so the flow is invertible."""
+
+    def __init__(self, dim=4, dtype=torch.float64):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(0.5 * torch.randn(dim, dim, generator=generator, dtype=dtype))
+        self.bias = nn.Parameter(0.1 * torch.randn(dim, generator=generator, dtype=dtype))
+
+    def forward(self, x, t):
+        return torch.tanh(x) @ self.weight.T * (1 + t.view(-1, 1)) + self.bias
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_generating_from_the_reversed_point_gives_back_x(solver):
+    field = SmoothField()
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        noise_end = integrate(field, x, 0.0, 1.0, 2000, solver=solver)[-1]
+        back = integrate(field, noise_end, 1.0, 0.0, 2000, solver=solver)[-1]
+    tolerance = 2e-3 if solver == "euler" else 1e-7
+    assert (back - x).abs().max().item() < tolerance
+    assert (noise_end - x).abs().max().item() > 0.1  # the flow really moved the points
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_fixed_grid_gradients_pass_gradcheck(solver):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = (0.5 * torch.randn(3, 3, dtype=torch.float64, generator=generator)).requires_grad_(True)
+    bias = (0.1 * torch.randn(3, dtype=torch.float64, generator=generator)).requires_grad_(True)
+
+    def solve(x, weight, bias):
+        def velocity(state, t):
+            return torch.tanh(state) @ weight.T * (1 + t.view(-1, 1)) + bias
+
+        return integrate(velocity, x, 0.0, 0.8, 4, solver=solver)[-1]
+
+    assert torch.autograd.gradcheck(solve, (x, weight, bias))
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_checkpointed_gradients_equal_plain_backprop(solver):
+    field = SmoothField()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    gradients = []
+    for checkpoint in (False, True):
+        field.zero_grad()
+        integrate(field, x, 0.0, 1.0, 10, solver=solver, checkpoint=checkpoint)[-1].square().sum().backward()
+        gradients.append([p.grad.clone() for p in field.parameters()])
+    for plain, checkpointed in zip(*gradients):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-12)
+
+
+def test_trajectory_holds_every_grid_point():
+    x0 = torch.ones(2, 1, dtype=torch.float64)
+    trajectory = integrate(linear_velocity, x0, 0.0, 1.0, 5, solver="euler", return_trajectory=True)
+    assert len(trajectory) == 6
+    assert torch.equal(trajectory[0], x0)
+    for k, state in enumerate(trajectory):
+        torch.testing.assert_close(state, x0 * (1 + RATE / 5) ** k)
+
+
+def test_adaptive_torchdiffeq_method_is_accurate():
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    x1 = integrate(linear_velocity, x0, 0.0, 1.0, 1, solver="dopri5", rtol=1e-9, atol=1e-9)[-1]
+    assert x1.item() == pytest.approx(math.exp(RATE), rel=1e-7)
+
+
+def test_adjoint_gradients_are_close_to_exact_backprop():
+    field = SmoothField()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gradients = []
+    for adjoint in (False, True):
+        field.zero_grad()
+        integrate(field, x, 0.0, 1.0, 50, solver="heun", adjoint=adjoint)[-1].square().sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in field.parameters()]))
+    exact, adjoint = gradients
+    assert ((adjoint - exact).norm() / exact.norm()).item() < 1e-3
+
+
+def test_fixed_grid_names_win_over_torchdiffeq_and_all_are_listed():
+    assert SOLVERS[:3] == ("euler", "heun", "midpoint")
+    assert {"dopri5", "rk4", "bosh3"} <= set(SOLVERS)
+
+
+def test_unknown_solver_and_bad_num_steps_are_refused():
+    x = torch.ones(1, 1)
+    with pytest.raises(ValueError, match=r"Unknown solver 'rk45'.*'euler', 'heun', 'midpoint'"):
+        integrate(linear_velocity, x, 0.0, 1.0, 4, solver="rk45")
+    with pytest.raises(ValueError, match=r"num_steps must be an integer >= 1, got 0"):
+        integrate(linear_velocity, x, 0.0, 1.0, 0)
