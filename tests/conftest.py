@@ -1,0 +1,61 @@
+"""Shared test setup: a local hub server that the real Hugging Face clients talk to.
+
+``huggingface_hub`` reads ``HF_ENDPOINT`` (and its cache location) once, when it is first imported, and
+transformers and datasets import it. So the environment is set here, before anything else is imported: the
+clients talk to a local hub on a port chosen now, with plain LFS uploads instead of Xet, a dummy token, and a
+fresh, empty cache under a temporary ``HF_HOME`` that never touches the user's cache.
+"""
+
+import os
+import shutil
+import socket
+import tempfile
+
+with socket.socket() as _sock:
+    _sock.bind(("127.0.0.1", 0))
+    HUB_PORT = _sock.getsockname()[1]
+
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+              "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH"):
+    os.environ.pop(_name, None)
+_HF_HOME = tempfile.mkdtemp(prefix="prg-hub-hf-home-")
+os.environ.update({
+    "HF_ENDPOINT": f"http://127.0.0.1:{HUB_PORT}",
+    "HF_HUB_DISABLE_XET": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_TOKEN": "hf_local_test_token",
+    "HF_HOME": _HF_HOME,
+})
+
+import pytest  # noqa: E402 - the environment above must be set first
+
+from prg_hub.hub_server import HubServer, serve_hub  # noqa: E402
+
+_servers: list[HubServer] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the temporary ``HF_HOME``."""
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """The hub server at ``HF_ENDPOINT``, storing under a temporary root, shared by the whole session."""
+    _servers.append(serve_hub(tmp_path_factory.mktemp("hub"), "127.0.0.1", HUB_PORT))
+    yield _servers[0]
+    for server in _servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def restart_hub():
+    """A function ``restart_hub(server)``: shut ``server`` down, then serve its root on its port again."""
+
+    def restart(server: HubServer) -> HubServer:
+        server.shutdown()
+        _servers.append(serve_hub(server.root, server.host, server.port))
+        return _servers[-1]
+
+    return restart
