@@ -24,9 +24,12 @@ setup(
         "scipy>=1.10",
         "numpy",
         "pillow",
+        "jinja2",
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["prg-hub=prg_hub.cli:main"]},
     extras_require={
-        "train": ["accelerate>=1.0", "datasets>=3.0", "tqdm"],
-        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "tqdm"],
+        "train": ["accelerate>=1.0", "datasets>=3.0", "pyyaml"],
+        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pyyaml"],
     },
 )

@@ -41,17 +41,20 @@ class PRGPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise only PRG's own layers; the diffusers network keeps its own initialisation.
+        """Initialise only PRG's own layers (the head's Linear and LayerNorm layers, which `from_pretrained` hands
+        over one by one when a flow checkpoint has no head); the diffusers network keeps its own initialisation.
 
         DiT's sin-cos positional embedding is a non-persistent buffer, absent from checkpoints, so it is recomputed
         here: `from_pretrained` builds the model on the meta device and would otherwise leave it undefined.
         """
-        if isinstance(module, PRGHead):
-            for layer in (module.hidden, module.classifier):
-                init.normal_(layer.weight, std=0.02)
-                init.zeros_(layer.bias)
-            init.ones_(module.norm.weight)
-            init.zeros_(module.norm.bias)
+        head = getattr(self, "head", None)
+        if head is not None and any(module is layer for layer in head.children()):
+            if isinstance(module, nn.Linear):
+                init.normal_(module.weight, std=0.02)
+                init.zeros_(module.bias)
+            else:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
         elif isinstance(module, PatchEmbed) and module.pos_embed is not None:
             pos_embed = get_2d_sincos_pos_embed(
                 module.pos_embed.shape[-1],
@@ -68,6 +71,35 @@ class PRGPreTrainedModel(PreTrainedModel):
 
     def _backward_compatibility_gradient_checkpointing(self):
         """PRG reads `config.gradient_checkpointing` at every forward and keeps it in the saved config."""
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+        tags: list[str] | None = None,
+        image_processor=None,
+        card=None,
+    ):
+        """Upload config.json, model.safetensors, preprocessor_config.json and a PRG model card in one commit.
+
+        Takes the arguments of `PreTrainedModel.push_to_hub`, plus `image_processor` (default: a
+        `PRGImageProcessor` for `config.image_size`) and `card` (default: `prg_hub.hub.render_model_card`, which
+        records no results). Returns the commit's `CommitInfo`; see `prg_hub.hub.push_model_to_hub`.
+        """
+        from .hub import push_model_to_hub  # hub.py imports this module
+
+        return push_model_to_hub(
+            self, repo_id, image_processor=image_processor, card=card, commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+        )
 
     @classmethod
     def from_diffusers(cls, network: nn.Module, path: str = "otcfm", **config_kwargs) -> "PRGPreTrainedModel":

@@ -179,7 +179,15 @@ def test_classifier_starts_from_a_flow_checkpoint(tmp_path):
     for name, tensor in flow.state_dict().items():
         assert torch.equal(classifier.prg.state_dict()[name], tensor), name
     assert classifier.head.classifier.weight.shape == (5, 768)
-    assert classifier.head.classifier.weight.std().item() > 0  # the new head is initialised, not left empty
+    # The new head is initialised as a fresh classifier's: N(0, 0.02) weights, zero biases, identity LayerNorm.
+    for layer in (classifier.head.hidden, classifier.head.classifier):
+        assert torch.isfinite(layer.weight).all()
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    assert torch.equal(classifier.head.norm.weight, torch.ones(768))
+    assert torch.equal(classifier.head.norm.bias, torch.zeros(768))
+    logits = classifier(images()).logits
+    assert torch.isfinite(logits).all() and logits.abs().max() < 10
 
 
 def test_per_step_checkpointing_keeps_gradients_and_follows_the_config():

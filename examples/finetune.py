@@ -1,0 +1,342 @@
+"""PRG finetuning: a classifier on x_t of the reversed flow, trained end to end through the ODE solver.
+
+    accelerate launch examples/finetune.py --model_name_or_path runs/otcfm-c10 --dataset uoft-cs/cifar10 \
+        --augmentation randaugment --train_batch_size 128 --num_train_epochs 200 --output_dir runs/prg-c10
+
+Model: x_0 = image (B, 3, H, W) in [-1, 1]; x_t = ODESolve(v_θ, x_0, 0 → feature_t, num_steps); the PRG head
+maps AvgPool16(x_t) (B, 768) to logits (B, num_labels). Loss:
+    L = CE(logits, y; label smoothing) + β · L_FM(x_0)          β = --fm_loss_weight
+Optimiser: AdamW (default lr = 1.25e-4 · global batch / 512, as the official recipe), cosine decay after a
+linear warm-up. The gradient flows through every solver step (exact backprop, optionally with per-step
+checkpointing) or through torchdiffeq's adjoint (--adjoint; approximate).
+
+Distributed: each process takes its shard of every global batch (per-process --train_batch_size) and Accelerate
+averages the gradients, so N processes with batch b train exactly as one process with batch N·b.
+
+Outputs in --output_dir: the final classifier, `best/` (highest top-1 on the evaluation split, evaluated after
+every epoch), `checkpoints/checkpoint-<N>`, `args.json`, `metrics.json` (per-epoch history). Both models load
+with `PRGForImageClassification.from_pretrained` and `pipeline("image-classification", ...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, PRGImageProcessor
+from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
+from prg_hub.backbones import BACKBONES
+from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.hub import push_training_output
+from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.training import (
+    BatchRecord,
+    checkpoint_step,
+    parse_args_with_recipe,
+    resolve_checkpoint,
+    resume_position,
+    save_checkpoint,
+    save_model,
+    write_json,
+)
+
+logger = get_logger(__name__)
+TRAINER_STATE = "trainer_state.json"  # best top-1 and history, saved beside each checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Finetune a PRG classifier through the reversed flow.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", default=None, help="Pretrained flow: local folder or Hub id.")
+    model.add_argument("--from_scratch", action="store_true",
+                       help="No pretraining: a randomly initialised network (the architecture of "
+                            "--model_name_or_path, or of --backbone/--preset/--path when that is omitted).")
+    model.add_argument("--backbone", choices=sorted(BACKBONES), default="unet2d", help="With --from_scratch only.")
+    model.add_argument("--preset", choices=PRESETS, default="small", help="With --from_scratch only.")
+    model.add_argument("--path", choices=sorted(PATHS), default="otcfm", help="With --from_scratch only.")
+    model.add_argument("--image_size", type=int, default=32, help="With --from_scratch only.")
+    model.add_argument("--feature_t", type=float, default=1.0, help="Time of the representation x_t (1 is noise).")
+    model.add_argument("--num_steps", type=int, default=20, help="Solver steps from t = 0 to feature_t.")
+    model.add_argument("--solver", choices=SOLVERS, default="euler")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute each solver step in backward.")
+    model.add_argument("--adjoint", action="store_true", help="torchdiffeq adjoint gradients (approximate).")
+    model.add_argument("--fm_loss_weight", type=float, default=0.0, help="β in CE + β·L_FM.")
+    model.add_argument("--label_smoothing", type=float, default=0.1)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="Hub dataset id or local folder (parquet or imagefolder).")
+    data.add_argument("--image_column", default=None, help="Detected (img/image) when omitted.")
+    data.add_argument("--label_column", default=None, help="Detected (label/labels) when omitted.")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split", default="eval", help="'eval' picks test, validation, valid or val.")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--max_eval_samples", type=int, default=None)
+    data.add_argument("--augmentation", choices=AUGMENTATIONS, default="crop_flip")
+    data.add_argument("--random_erasing", type=float, default=0.0, help="Probability (official recipe: 0.25).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--cache_dir", default=None)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=128, help="Per-process batch size.")
+    optim.add_argument("--eval_batch_size", type=int, default=256, help="Per-process batch size.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=200)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    optim.add_argument("--learning_rate", type=float, default=None, help="Default: 1.25e-4 · global batch / 512.")
+    optim.add_argument("--weight_decay", type=float, default=0.05)
+    optim.add_argument("--num_warmup_epochs", type=float, default=5.0)
+    optim.add_argument("--num_warmup_steps", type=int, default=None, help="Overrides --num_warmup_epochs.")
+    optim.add_argument("--max_grad_norm", type=float, default=0.0, help="Gradient clipping; 0 disables it.")
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("outputs")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--checkpointing_steps", type=int, default=1000)
+    run.add_argument("--checkpoints_total_limit", type=int, default=None)
+    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    run.add_argument("--report_to", default=None, help="Accelerate tracker, e.g. tensorboard or wandb.")
+    run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
+    run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
+    args = parse_args_with_recipe(parser, argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id org/name.")
+    if args.model_name_or_path is None and not args.from_scratch:
+        parser.error("Give the pretrained flow with --model_name_or_path, or pass --from_scratch for the baseline.")
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+def build_model(args, label_names: list[str]) -> PRGForImageClassification:
+    """The classifier: pretrained flow + new head, or (--from_scratch) the same architecture randomly initialised."""
+    classifier_config = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: index for index, name in enumerate(label_names)},
+        "feature_t": args.feature_t,
+        "num_steps": args.num_steps,
+        "solver": args.solver,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "adjoint": args.adjoint,
+        "fm_loss_weight": args.fm_loss_weight,
+        "label_smoothing": args.label_smoothing,
+    }
+    if not args.from_scratch:
+        return PRGForImageClassification.from_pretrained(args.model_name_or_path, **classifier_config)
+    if args.model_name_or_path is not None:
+        config = PRGConfig.from_pretrained(args.model_name_or_path, **classifier_config)
+    else:
+        config = PRGConfig(
+            backbone_type=args.backbone,
+            backbone_config=backbone_preset(args.backbone, args.preset, args.image_size),
+            path=args.path,
+            **classifier_config,
+        )
+    return PRGForImageClassification(config)
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator) -> float:
+    """Top-1 accuracy over the whole evaluation split (every process scores its shard; duplicates are dropped)."""
+    model.eval()
+    correct, total = 0, 0
+    for batch in dataloader:
+        predictions = model(batch["pixel_values"]).logits.argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        correct += (predictions == labels).sum().item()
+        total += labels.numel()
+    model.train()
+    return correct / total
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "args.json", vars(args))
+
+    image_data = load_image_dataset(
+        args.dataset, image_column=args.image_column, label_column=args.label_column, cache_dir=args.cache_dir
+    )
+    set_seed(args.seed)  # the same head initialisation on every process
+    model = build_model(args, image_data.label_names)
+    set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
+    image_size = model.config.image_size
+    processor = PRGImageProcessor(size={"height": image_size, "width": image_size})
+    train_dataset = ImageClassificationDataset(
+        image_data.split(args.train_split, args.max_train_samples),
+        image_data.image_column,
+        image_data.label_column,
+        processor,
+        TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing),
+        seed=args.seed,
+    )
+    eval_dataset = ImageClassificationDataset(
+        image_data.split(args.eval_split, args.max_eval_samples),
+        image_data.image_column,
+        image_data.label_column,
+        processor,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG for the model (see pretrain.py)
+    )
+    eval_dataloader = torch.utils.data.DataLoader(
+        eval_dataset, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers
+    )
+
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate if args.learning_rate is not None else 1.25e-4 * global_batch / 512
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=args.weight_decay)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader
+    )
+    batches_per_epoch = len(train_dataloader)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    num_warmup_steps = (
+        args.num_warmup_steps if args.num_warmup_steps is not None else round(args.num_warmup_epochs * steps_per_epoch)
+    )
+    lr_scheduler = accelerator.prepare(
+        get_scheduler("cosine", optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=max_train_steps)
+    )
+    if args.report_to:
+        accelerator.init_trackers("prg-finetune", config={k: v for k, v in vars(args).items() if v is not None})
+    logger.info(
+        f"{len(train_dataset)} train / {len(eval_dataset)} eval images, {len(image_data.label_names)} classes, "
+        f"global batch {global_batch}, lr {learning_rate:.3g}, {steps_per_epoch} steps per epoch, "
+        f"{max_train_steps} steps, {num_warmup_steps} warm-up steps"
+    )
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    trainer_state = {"best_top1": -1.0, "best_epoch": None, "history": []}
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        first_epoch, skip_batches = resume_position(global_step, batches_per_epoch, args.gradient_accumulation_steps)
+        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
+
+    batch_record = BatchRecord()
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="finetune", disable=not accelerator.is_local_main_process
+    )
+    start_time = time.perf_counter()
+    model.train()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        epoch_loss, epoch_batches = torch.zeros((), device=accelerator.device), 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(batch["pixel_values"], labels=batch["labels"]).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            epoch_loss += loss.detach()
+            epoch_batches += 1
+            batch_record.add_batch(accelerator, batch["index"])
+            if not accelerator.sync_gradients:
+                continue
+            batch_record.end_step()
+            lr_scheduler.step()
+            global_step += 1
+            progress.update(1)
+            epoch_done = global_step % steps_per_epoch == 0 or global_step >= max_train_steps
+            if global_step % args.checkpointing_steps == 0 and not epoch_done:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                                extra_json={TRAINER_STATE: trainer_state})
+            if global_step >= max_train_steps:
+                break
+
+        # The epoch (or the run) ended: score it, keep the best model.
+        top1 = evaluate(model, eval_dataloader, accelerator)
+        train_loss = accelerator.reduce(epoch_loss / max(epoch_batches, 1), reduction="mean").item()
+        record = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "eval_top1": top1}
+        trainer_state["history"].append(record)
+        accelerator.log(record, step=global_step)
+        progress.set_postfix(loss=f"{train_loss:.4f}", top1=f"{top1:.4f}")
+        logger.info(f"epoch {epoch}: step {global_step} train_loss {train_loss:.4f} eval_top1 {top1:.4f}")
+        if top1 > trainer_state["best_top1"]:
+            trainer_state.update(best_top1=top1, best_epoch=epoch)
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), output_dir / "best", image_size)
+        if global_step % args.checkpointing_steps == 0:  # after the evaluation, so the checkpoint holds it
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                            extra_json={TRAINER_STATE: trainer_state})
+    progress.close()
+    if not trainer_state["history"]:  # resumed from a finished run: score the model as it is
+        trainer_state["history"].append({"epoch": None, "step": global_step, "train_loss": None,
+                                         "eval_top1": evaluate(model, eval_dataloader, accelerator)})
+        trainer_state["best_top1"] = max(trainer_state["best_top1"], trainer_state["history"][-1]["eval_top1"])
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), output_dir, image_size)
+        history = trainer_state["history"]
+        metrics = {
+            "steps": global_step,
+            "best_top1": trainer_state["best_top1"],
+            "best_epoch": trainer_state["best_epoch"],
+            "final_top1": history[-1]["eval_top1"],
+            "history": history,
+            "eval_split": image_data.split_name(args.eval_split),
+            "eval_split_size": len(eval_dataset),
+            "global_batch_size": global_batch,
+            "learning_rate": learning_rate,
+            "num_processes": accelerator.num_processes,
+            "global_batches_sha256": batch_record.global_sha256,
+            "pretrained": None if args.from_scratch else args.model_name_or_path,
+            "train_seconds": time.perf_counter() - start_time,
+        }
+        write_json(output_dir / "metrics.json", metrics)
+        if args.push_to_hub:
+            commit = push_training_output(output_dir, args.hub_model_id)
+            logger.info(f"Pushed {output_dir} to {commit.commit_url}")
+        print(
+            f"finetune: best_top1={metrics['best_top1']:.4f} final_top1={metrics['final_top1']:.4f} "
+            f"steps={global_step} from={'scratch' if args.from_scratch else args.model_name_or_path} "
+            f"output_dir={output_dir}"
+        )
+    accelerator.wait_for_everyone()  # every process tears the process group down together
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

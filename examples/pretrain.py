@@ -1,0 +1,321 @@
+"""Flow-matching pretraining of a PRG velocity network, with Accelerate.
+
+    accelerate launch examples/pretrain.py --dataset uoft-cs/cifar10 --path otcfm --backbone unet2d \
+        --preset paper --image_size 32 --train_batch_size 128 --num_train_epochs 2000 --output_dir runs/otcfm-c10
+
+Objective: for images x (B, 3, H, W) in [-1, 1], noise ε ~ N(0, I) and t ~ U[0, 1],
+    L_FM = mean over all elements of (v_θ(α_t·x + σ_t·ε, t) − (α'_t·x + σ'_t·ε))²
+with (α, σ) and the coupling of (x, ε) given by --path (gvp, icfm, otcfm; see prg_hub/paths.py).
+
+One optimizer step sees train_batch_size · num_processes · gradient_accumulation_steps images; every process
+draws its own batch and its own noise (the seed is offset by the process index), and Accelerate averages the
+gradients, so every process holds the same weights. The final `metrics.json` records, per process, a SHA-256 of
+the weights, a SHA-256 of the sample indices it trained on and its mean loss.
+
+Outputs in --output_dir: the model (`PRGModel.from_pretrained(output_dir)`; EMA weights when --use_ema),
+`preprocessor_config.json`, `samples/step-<N>.png` grids, `checkpoints/checkpoint-<N>` (full training state),
+`args.json` and `metrics.json`. The last line printed is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from prg_hub import PATHS, PRGConfig, PRGImageProcessor, PRGModel
+from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
+from prg_hub.backbones import BACKBONES
+from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.hub import push_training_output
+from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.training import (
+    BatchRecord,
+    FlowMatchingObjective,
+    checkpoint_step,
+    parameters_sha256,
+    parse_args_with_recipe,
+    resolve_checkpoint,
+    resume_position,
+    save_checkpoint,
+    save_image_grid,
+    save_model,
+    write_json,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Flow-matching pretraining of a PRG velocity network.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="Hub dataset id or local folder (parquet or imagefolder).")
+    data.add_argument("--image_column", default=None, help="Image column; detected (img/image) when omitted.")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
+    data.add_argument("--image_size", type=int, default=32)
+    data.add_argument("--augmentation", choices=AUGMENTATIONS, default="flip")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--path", choices=sorted(PATHS), default="otcfm", help="Flow-matching path.")
+    model.add_argument("--backbone", choices=sorted(BACKBONES), default="unet2d")
+    model.add_argument("--preset", choices=PRESETS, default="small", help="Network size (prg_hub/presets.py).")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=128, help="Per-process batch size.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--weight_decay", type=float, default=0.0)
+    optim.add_argument("--lr_scheduler", default="constant_with_warmup", help="A diffusers.optimization schedule.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
+    optim.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Defaults to the accelerate config.")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("outputs")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--checkpointing_steps", type=int, default=1000, help="Save the training state every N steps.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    run.add_argument("--sample_every_steps", type=int, default=1000, help="Save a sample grid every N steps.")
+    run.add_argument("--num_sample_images", type=int, default=16)
+    run.add_argument("--sample_num_steps", type=int, default=20, help="Euler steps of the sampling ODE.")
+    run.add_argument("--logging_steps", type=int, default=50, help="Average the reported loss over N steps.")
+    run.add_argument("--report_to", default=None, help="Accelerate tracker, e.g. tensorboard or wandb.")
+    run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
+    run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
+    args = parse_args_with_recipe(parser, argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id org/name.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "sample_every_steps",
+                 "logging_steps", "num_sample_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+@torch.no_grad()
+def save_samples(prg: PRGModel, ema: EMAModel | None, args, step: int) -> Path:
+    """Generate a grid with a fixed generator (EMA weights when kept) and save it as samples/step-<step>.png."""
+    parameters = list(prg.parameters())
+    if ema is not None:
+        ema.store(parameters)
+        ema.copy_to(parameters)
+    generator = torch.Generator(device=prg.device).manual_seed(args.seed)
+    images = prg.generate(args.num_sample_images, num_steps=args.sample_num_steps, generator=generator)
+    if ema is not None:
+        ema.restore(parameters)
+    path = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    save_image_grid(images, path)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output_dir) / "args.json", vars(args))
+
+    # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch.
+    image_data = load_image_dataset(
+        args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
+    )
+    processor = PRGImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    train_dataset = ImageClassificationDataset(
+        image_data.split(args.train_split, args.max_train_samples),
+        image_data.image_column,
+        None,
+        processor,
+        TrainAugmentation(args.augmentation, args.image_size),
+        seed=args.seed,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an epoch's iterator then never draws from the global RNG (the noise source),
+        # so a resumed run draws exactly the noise an uninterrupted one does.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    # Model: identical initialisation on every process; then a different noise stream per process.
+    set_seed(args.seed)
+    config = PRGConfig(
+        backbone_type=args.backbone,
+        backbone_config=backbone_preset(args.backbone, args.preset, args.image_size),
+        path=args.path,
+    )
+    prg = PRGModel(config)
+    initial_sha256 = parameters_sha256(prg)
+    objective = FlowMatchingObjective(prg)
+    ema = EMAModel(prg.parameters(), decay=args.ema_decay) if args.use_ema else None
+    set_seed(args.seed, device_specific=True)
+
+    optimizer = torch.optim.AdamW(
+        prg.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay,
+    )
+    objective, optimizer, train_dataloader = accelerator.prepare(objective, optimizer, train_dataloader)
+    batches_per_epoch = len(train_dataloader)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"The training split has {len(train_dataset)} images, fewer than one global batch of "
+            f"{args.train_batch_size * accelerator.num_processes}; lower --train_batch_size."
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if args.report_to:
+        accelerator.init_trackers("prg-pretrain", config={k: v for k, v in vars(args).items() if v is not None})
+
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_dataset)} images, {sum(p.numel() for p in prg.parameters()) / 1e6:.2f}M parameters, "
+        f"global batch {global_batch}, {steps_per_epoch} steps per epoch, {max_train_steps} steps"
+    )
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        first_epoch, skip_batches = resume_position(global_step, batches_per_epoch, args.gradient_accumulation_steps)
+        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("No checkpoint yet: starting a new run")
+
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="pretrain", disable=not accelerator.is_local_main_process
+    )
+    unwrapped = accelerator.unwrap_model(objective).prg
+    window_losses: list[torch.Tensor] = []  # losses of the micro-batches since the last report
+    window_loss, local_loss_sum, local_batches = float("nan"), torch.zeros((), device=accelerator.device), 0
+    batch_record = BatchRecord()
+    start_time = time.perf_counter()
+    objective.train()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(objective):
+                loss = objective(batch["pixel_values"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            local_loss_sum += loss.detach()
+            local_batches += 1
+            batch_record.add_batch(accelerator, batch["index"])
+            window_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+
+            batch_record.end_step()
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                window_loss = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
+                window_losses = []
+                logs = {"fm_loss": window_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                progress.set_postfix(fm_loss=f"{window_loss:.4f}")
+                accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
+                save_samples(unwrapped, ema, args, global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - start_time
+
+    # Every process reports its own view: identical weights although each trained on different samples and noise.
+    process_records = gather_object([{
+        "process_index": accelerator.process_index,
+        "parameters_sha256": parameters_sha256(unwrapped),
+        "num_batches": local_batches,
+        "mean_fm_loss": local_loss_sum.item() / max(local_batches, 1),
+        "sample_indices_sha256": batch_record.local_sha256,
+    }])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        save_model(unwrapped, args.output_dir, args.image_size)
+        grid = save_samples(unwrapped, None, args, global_step)
+        metrics = {
+            "steps": global_step,
+            "epochs": global_step / steps_per_epoch,
+            "final_fm_loss": window_loss,
+            "weights": "ema" if ema is not None else "raw",
+            "global_batch_size": global_batch,
+            "num_processes": accelerator.num_processes,
+            "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+            "train_seconds": train_seconds,
+            "initial_parameters_sha256": initial_sha256,
+            "processes": process_records,
+            "global_batches_sha256": batch_record.global_sha256,
+            "sample_grid": str(grid),
+        }
+        write_json(Path(args.output_dir) / "metrics.json", metrics)
+        if args.push_to_hub:
+            commit = push_training_output(args.output_dir, args.hub_model_id)
+            logger.info(f"Pushed {args.output_dir} to {commit.commit_url}")
+        print(
+            f"pretrain: steps={global_step} final_fm_loss={window_loss:.4f} path={args.path} "
+            f"backbone={args.backbone}-{args.preset} weights={metrics['weights']} output_dir={args.output_dir}"
+        )
+    accelerator.wait_for_everyone()  # every process tears the process group down together
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The `prg-hub` command: classify and embed images with PRG models, sample from them, push and inspect them.
+
+    prg-hub classify IMAGES_OR_DIRS... [--model ID_OR_DIR] [--top-k K] [--json] [--batch-size B]
+    prg-hub extract IMAGES_OR_DIRS... --output FILE.safetensors|FILE.npy [--model ID_OR_DIR] [--feature-t T]
+                    [--num-steps N] [--batch-size B]
+    prg-hub generate --model ID_OR_DIR --num-images N --output grid.png [--num-steps N] [--seed S]
+    prg-hub push DIR org/name [--revision BRANCH] [--private] [--commit-message MSG]
+    prg-hub info ID_OR_DIR
+    prg-hub serve-hub --root DIR [--host 127.0.0.1] [--port 8000]
+
+ID_OR_DIR is a Hub repo id ("org/name") or a folder saved with `save_pretrained`. Images: a file named on the
+command line is read whatever its extension; a directory expands, recursively and in sorted order, to the files
+in it with an image extension (`IMAGE_EXTENSIONS`). A file that cannot be read is reported on stderr as
+`PATH: cannot read image (REASON)` and skipped; the others are still processed. Batches of more than one
+`--batch-size` show a progress bar on stderr. The model runs on the GPU when torch sees one.
+
+Exit status: 0 when everything succeeded; 1 when an input, the model or an upload failed (the other inputs are
+still processed); 2 when the command line is wrong (argparse errors, no --model, an unsupported output type, a
+model of the wrong kind for the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import prg_hub
+
+from .configuration_prg import check_feature_t
+from .hub import (
+    PIPELINE_TAGS,
+    architecture_of,
+    count_parameters,
+    default_image_processor,
+    load_model_card,
+    load_prg_config,
+    push_training_output,
+)
+from .hub_server import run_hub_server
+from .image_processing_prg import PRGImageProcessor
+from .modeling_prg import PRGForImageClassification, PRGModel
+from .solvers import check_num_steps
+
+IMAGE_EXTENSIONS = frozenset(
+    {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
+)
+FEATURE_FORMATS = (".safetensors", ".npy")
+EXIT_FAILED = 1
+MAX_LABELS_SHOWN = 10
+
+
+class CommandFailed(Exception):
+    """A failure that stops the command: reported as `prg-hub: MESSAGE` with exit status 1."""
+
+
+class InputErrors:
+    """Reports inputs that could not be processed on stderr (`PATH: REASON`) and counts them."""
+
+    def __init__(self):
+        self.count = 0
+
+    def report(self, path: str, reason: str) -> None:
+        self.count += 1
+        tqdm.write(f"{path}: {reason}", file=sys.stderr)
+
+
+def expand_image_paths(inputs: list[str], errors: InputErrors) -> list[str]:
+    """Files as given; directories expanded recursively to their image files, sorted. Missing paths are reported."""
+    paths = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+                errors.report(name, f"no image files in this directory (extensions: {extensions})")
+            paths.extend(str(p) for p in found)
+        elif path.is_file():
+            paths.append(name)
+        else:
+            errors.report(name, "no such file or directory")
+    return paths
+
+
+def read_image(path: str, processor: PRGImageProcessor) -> torch.Tensor:
+    """Decode one image file completely and preprocess it: pixel values of shape (3, H, W) in [-1, 1]."""
+    with Image.open(path) as image:
+        image.load()
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def image_batches(
+    paths: list[str], processor: PRGImageProcessor, batch_size: int, errors: InputErrors
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Yield (paths, pixel values (B, 3, H, W)) for up to `batch_size` files at a time, skipping unreadable ones."""
+    with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=len(paths) <= batch_size) as progress:
+        for start in range(0, len(paths), batch_size):
+            batch_paths, pixel_values = [], []
+            for path in paths[start:start + batch_size]:
+                try:
+                    pixel_values.append(read_image(path, processor))
+                    batch_paths.append(path)
+                except Exception as error:  # any decoder or conversion failure of one file must not stop the rest
+                    errors.report(path, f"cannot read image ({error})")
+                progress.update()
+            if pixel_values:
+                yield batch_paths, torch.stack(pixel_values)
+
+
+def model_argument(args: argparse.Namespace) -> str:
+    """--model, or the model shipped with prg_hub when there is one; a usage error otherwise."""
+    if args.model is not None:
+        return args.model
+    default_model = getattr(prg_hub, "DEFAULT_MODEL", None)
+    if default_model is not None and Path(default_model).exists():
+        return str(default_model)
+    args.parser.error("--model is required: pass a Hub repo id (org/name) or a folder saved with save_pretrained.")
+
+
+def load_model(args: argparse.Namespace, model_id: str, model_class: type):
+    """Load `model_id` as `model_class` in eval mode (on the GPU when there is one), with its image processor.
+
+    A checkpoint of the wrong kind for the command (a feature extractor asked to classify) is a usage error.
+    """
+    try:
+        config = load_prg_config(model_id)
+        if model_class is PRGForImageClassification and architecture_of(config) is not PRGForImageClassification:
+            args.parser.error(
+                f"{model_id!r} is a {architecture_of(config).__name__} checkpoint: it extracts features but has no "
+                "classification head. Use `prg-hub extract`, or pass a PRGForImageClassification checkpoint."
+            )
+        model = model_class.from_pretrained(model_id, config=config)
+    except (OSError, ValueError) as error:
+        raise CommandFailed(f"cannot load model {model_id!r}: {error}") from error
+    try:
+        processor = PRGImageProcessor.from_pretrained(model_id)
+    except OSError:  # a folder saved by save_pretrained alone has no preprocessor_config.json
+        processor = default_image_processor(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor
+
+
+def classify(args: argparse.Namespace) -> int:
+    """Print the top-k labels of each image: `PATH: LABEL (SCORE), ...`, or one JSON record per line."""
+    if args.top_k < 1:
+        args.parser.error(f"--top-k must be >= 1, got {args.top_k}.")
+    model_id = model_argument(args)
+    model, processor = load_model(args, model_id, PRGForImageClassification)
+    errors = InputErrors()
+    paths = expand_image_paths(args.images, errors)
+    top_k = min(args.top_k, model.config.num_labels)
+    with torch.inference_mode():
+        for batch_paths, pixel_values in image_batches(paths, processor, args.batch_size, errors):
+            probabilities = model(pixel_values.to(model.device)).logits.float().softmax(dim=-1)
+            scores, indices = probabilities.topk(top_k, dim=-1)
+            for path, image_scores, image_indices in zip(batch_paths, scores.tolist(), indices.tolist(), strict=True):
+                predictions = [{"label": model.config.id2label[index], "score": score}
+                               for score, index in zip(image_scores, image_indices, strict=True)]
+                if args.json:
+                    print(json.dumps({"path": path, "predictions": predictions}), flush=True)
+                else:
+                    labels = ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
+                    print(f"{path}: {labels}", flush=True)
+    return EXIT_FAILED if errors.count else 0
+
+
+def extract(args: argparse.Namespace) -> int:
+    """Write the pooled PRG features of the images, shape (N, C·head_pool_size²), row i for the i-th readable file.
+
+    `.safetensors`: tensor "features" plus metadata "paths" (a JSON list of the N files, in row order), "model",
+    "feature_t" and "num_steps". `.npy`: the array alone, and the file list beside it in `<stem>.paths.json`.
+    """
+    output = Path(args.output)
+    if output.suffix not in FEATURE_FORMATS:
+        args.parser.error(f"--output must end in {' or '.join(FEATURE_FORMATS)}, got {args.output!r}.")
+    for check, value in ((check_feature_t, args.feature_t), (check_num_steps, args.num_steps)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as error:
+                args.parser.error(str(error))
+    model_id = model_argument(args)
+    model, processor = load_model(args, model_id, PRGModel)
+    errors = InputErrors()
+    paths = expand_image_paths(args.images, errors)
+    feature_t = model.config.feature_t if args.feature_t is None else args.feature_t
+    num_steps = model.config.num_steps if args.num_steps is None else args.num_steps
+    extracted_paths, features = [], []
+    with torch.inference_mode():
+        for batch_paths, pixel_values in image_batches(paths, processor, args.batch_size, errors):
+            output_features = model(pixel_values.to(model.device), feature_t=feature_t, num_steps=num_steps)
+            features.append(output_features.pooler_output.float().cpu())
+            extracted_paths.extend(batch_paths)
+    if not features:
+        raise CommandFailed(f"no image could be read; {output} was not written.")
+    feature_matrix = torch.cat(features).contiguous()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".safetensors":
+        metadata = {"paths": json.dumps(extracted_paths), "model": model_id, "feature_t": str(feature_t),
+                    "num_steps": str(num_steps)}
+        save_file({"features": feature_matrix}, output, metadata=metadata)
+    else:
+        np.save(output, feature_matrix.numpy())
+        output.with_suffix(".paths.json").write_text(json.dumps(extracted_paths) + "\n", encoding="utf-8")
+    print(f"{output}: features of shape {tuple(feature_matrix.shape)} for {len(extracted_paths)} images")
+    return EXIT_FAILED if errors.count else 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Sample --num-images images from noise and save them as one grid image (as square as N allows)."""
+    from .training import save_image_grid
+
+    if args.num_images < 1:
+        args.parser.error(f"--num-images must be >= 1, got {args.num_images}.")
+    if args.num_steps is not None:
+        try:
+            check_num_steps(args.num_steps)
+        except ValueError as error:
+            args.parser.error(str(error))
+    if Path(args.output).suffix.lower() not in Image.registered_extensions():
+        args.parser.error(f"--output must be an image file name such as grid.png, got {args.output!r}.")
+    model, _ = load_model(args, args.model, PRGModel)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    images = model.generate(args.num_images, num_steps=args.num_steps, generator=generator)
+    save_image_grid(images, args.output)
+    print(f"{args.output}: {args.num_images} images of {model.config.image_size}×{model.config.image_size}")
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    """Push a saved model folder (e.g. a training run's output_dir) with a card made from its run records."""
+    if not (Path(args.folder) / "config.json").is_file():
+        args.parser.error(f"{args.folder!r} is not a saved model folder: it has no config.json.")
+    try:
+        commit = push_training_output(args.folder, args.repo_id, revision=args.revision, private=args.private,
+                                      commit_message=args.commit_message)
+    except (OSError, ValueError) as error:
+        raise CommandFailed(f"cannot push {args.folder!r} to {args.repo_id!r}: {error}") from error
+    print(f"pushed {args.folder} to {args.repo_id}: commit {commit.oid} ({commit.commit_url})")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    """Print the config summary, the parameter count and the evaluation results recorded in the model card."""
+    try:
+        config = load_prg_config(args.model)
+        card = load_model_card(args.model)
+    except (OSError, ValueError) as error:
+        raise CommandFailed(f"cannot load model {args.model!r}: {error}") from error
+    architecture = architecture_of(config)
+    lines = [
+        f"model: {args.model}",
+        f"class: {architecture.__name__} (pipeline tag {PIPELINE_TAGS[architecture]})",
+        f"parameters: {count_parameters(config):,}",
+        f"backbone: {config.backbone_type}",
+        f"path: {config.path}",
+        f"solver: {config.solver}, {config.num_steps} steps, feature_t {config.feature_t}",
+        f"input: {config.image_size}×{config.image_size}, {config.num_channels} channels",
+    ]
+    if architecture is PRGForImageClassification:
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        shown = ", ".join(labels[:MAX_LABELS_SHOWN]) + (", ..." if len(labels) > MAX_LABELS_SHOWN else "")
+        lines.append(f"labels: {config.num_labels} ({shown})")
+    eval_results = card.data.eval_results if card is not None else None
+    if eval_results:
+        for result in eval_results:
+            split = f", {result.dataset_split} split" if result.dataset_split else ""
+            lines.append(f"metric: {result.metric_type} = {result.metric_value} on {result.dataset_name}{split}")
+    else:
+        lines.append("metrics: not evaluated (no model-index in the model card)" if card is not None
+                     else "metrics: not evaluated (no model card)")
+    print("\n".join(lines))
+    return 0
+
+
+def serve_hub(args: argparse.Namespace) -> int:
+    """Serve a local Hub (prg_hub.hub_server) in the foreground until interrupted."""
+    run_hub_server(args.root, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prg-hub", description="Classify, embed and sample images with PRG models; push and inspect them."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler, parser=sub)
+        return sub
+
+    model_help = "Hub repo id (org/name) or a folder saved with save_pretrained."
+    sub = command("classify", classify, "Print the top-k labels of each image.")
+    sub.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="Image files or directories of them.")
+    sub.add_argument("--model", help=f"A PRGForImageClassification checkpoint: {model_help}")
+    sub.add_argument("--top-k", type=int, default=5, help="Labels per image (default 5, at most all labels).")
+    sub.add_argument("--json", action="store_true", help='One JSON record per line: {"path", "predictions"}.')
+    sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
+
+    sub = command("extract", extract, "Write pooled PRG features of the images, shape (N, C·p²).")
+    sub.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="Image files or directories of them.")
+    sub.add_argument("--output", required=True, help="FILE.safetensors (with the file list) or FILE.npy.")
+    sub.add_argument("--model", help=f"Any PRG checkpoint: {model_help}")
+    sub.add_argument("--feature-t", type=float, help="Time in (0, 1] of x_t (1 is noise); the model's by default.")
+    sub.add_argument("--num-steps", type=int, help="Solver steps from t = 0 to feature_t; the model's by default.")
+    sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
+
+    sub = command("generate", generate, "Sample images from noise and save them as one grid.")
+    sub.add_argument("--model", required=True, help=f"Any PRG checkpoint: {model_help}")
+    sub.add_argument("--num-images", type=int, required=True)
+    sub.add_argument("--output", required=True, help="The grid image, e.g. grid.png.")
+    sub.add_argument("--num-steps", type=int, help="Solver steps from noise to data; the model's by default.")
+    sub.add_argument("--seed", type=int, default=0, help="Seed of the noise (default 0).")
+
+    sub = command("push", push, "Push a saved model folder to the Hub with a generated model card.")
+    sub.add_argument("folder", metavar="DIR", help="A save_pretrained folder, e.g. a training run's output_dir.")
+    sub.add_argument("repo_id", metavar="org/name")
+    sub.add_argument("--revision", help="Branch to push to (created if needed); main by default.")
+    sub.add_argument("--private", action="store_true", help="Create the repo as private.")
+    sub.add_argument("--commit-message")
+
+    sub = command("info", info, "Print a model's config summary, parameter count and card metrics.")
+    sub.add_argument("model", metavar="ID_OR_DIR", help=model_help)
+
+    sub = command("serve-hub", serve_hub, "Serve a local Hugging Face Hub (set HF_ENDPOINT to its URL).")
+    sub.add_argument("--root", required=True, help="Folder holding the hub's repos (created if needed).")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `prg-hub` with `argv` (default: the command line) and return the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        args.parser.error(f"--batch-size must be >= 1, got {args.batch_size}.")
+    try:
+        return args.handler(args)
+    except CommandFailed as failure:
+        print(f"prg-hub: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

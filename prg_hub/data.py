@@ -1,0 +1,203 @@
+"""Image-classification data for the example scripts: loading a dataset, finding its columns, feeding torch.
+
+`--dataset` is a Hub id (`uoft-cs/cifar10`, `zh-plus/tiny-imagenet`) or a local folder that `datasets` reads
+as parquet files or as an image folder (`load_dataset(folder)` picks the format from the files). The image and
+label columns are found by name (`img`/`image`, `label`/`labels`) or by feature type (`Image`, `ClassLabel`),
+or named explicitly.
+
+Grayscale and every other PIL mode: images are converted to 3-channel RGB by `PRGImageProcessor` (a grey
+image becomes three equal channels). Every PRG model is therefore RGB, the head's input is C·16² = 768 as in the
+paper, and a flow pretrained on colour images can be finetuned on a grayscale dataset and the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import TrainAugmentation
+from .image_processing_prg import PRGImageProcessor
+
+IMAGE_COLUMN_CANDIDATES = ("img", "image")
+LABEL_COLUMN_CANDIDATES = ("label", "labels")
+EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
+
+
+@dataclass
+class ImageDataset:
+    """A loaded dataset: its splits, the resolved column names and the class names (None without labels)."""
+
+    splits: datasets.DatasetDict
+    image_column: str
+    label_column: str | None
+    label_names: list[str] | None
+
+    def split_name(self, name: str) -> str:
+        """`name` checked against the dataset's splits; "eval" resolves to the first of test, validation, valid, val."""
+        available = list(self.splits)
+        if name == "eval":
+            name = next((candidate for candidate in EVAL_SPLIT_CANDIDATES if candidate in self.splits), None)
+            if name is None:
+                raise ValueError(
+                    f"No evaluation split found: the dataset's splits are {available}, none of "
+                    f"{list(EVAL_SPLIT_CANDIDATES)}. Name one with --eval_split."
+                )
+        if name not in self.splits:
+            raise ValueError(f"Split {name!r} not found: the dataset's splits are {available}.")
+        return name
+
+    def split(self, name: str, max_samples: int | None = None) -> datasets.Dataset:
+        """The split `name` (see `split_name`), cut to its first `max_samples` rows when that is given."""
+        split = self.splits[self.split_name(name)]
+        if max_samples is not None:
+            split = split.select(range(min(max_samples, len(split))))
+        return split
+
+
+def _resolve_column(
+    columns: list[str],
+    features: datasets.Features,
+    requested: str | None,
+    candidates: tuple[str, ...],
+    feature_type: type,
+    kind: str,
+    option: str,
+) -> str:
+    """The requested column, else the first candidate name present, else the only column of `feature_type`."""
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"{kind} column {requested!r} not found: the dataset's columns are {columns}.")
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    typed = [name for name in columns if isinstance(features.get(name), feature_type)]
+    if len(typed) == 1:
+        return typed[0]
+    raise ValueError(
+        f"No {kind.lower()} column found: looked for {list(candidates)} or a single {feature_type.__name__} "
+        f"feature, but the dataset's columns are {columns}. Name it with {option}."
+    )
+
+
+def _load_splits(name_or_path: str, cache_dir: str | None) -> datasets.DatasetDict:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return datasets.load_dataset(str(path), cache_dir=cache_dir)
+    if path.exists():
+        raise ValueError(
+            f"--dataset {name_or_path!r} is a file; give the folder that holds the parquet files or images."
+        )
+    if path.is_absolute() or name_or_path.startswith("."):
+        raise FileNotFoundError(
+            f"No folder at {name_or_path!r}. --dataset takes a local folder of parquet or imagefolder data, or a Hub "
+            "dataset id such as uoft-cs/cifar10."
+        )
+    return datasets.load_dataset(name_or_path, cache_dir=cache_dir)
+
+
+def load_image_dataset(
+    name_or_path: str,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    require_labels: bool = True,
+    cache_dir: str | None = None,
+) -> ImageDataset:
+    """Load a Hub dataset or a local folder and resolve its image and label columns.
+
+    Args:
+        name_or_path: Hub id or local folder (parquet or imagefolder).
+        image_column, label_column: column names; detected when None (see the module docstring).
+        require_labels: raise when no label column is found; otherwise the dataset is used without labels.
+        cache_dir: the `datasets` cache folder.
+
+    Raises:
+        ValueError naming the missing column (or split) and listing the columns (or splits) that exist.
+    """
+    splits = _load_splits(name_or_path, cache_dir)
+    first = next(iter(splits.values()))
+    columns, features = list(first.column_names), first.features
+    image_column = _resolve_column(
+        columns, features, image_column, IMAGE_COLUMN_CANDIDATES, datasets.Image, "Image", "--image_column"
+    )
+    try:
+        label_column = _resolve_column(
+            columns, features, label_column, LABEL_COLUMN_CANDIDATES, datasets.ClassLabel, "Label", "--label_column"
+        )
+    except ValueError:
+        if require_labels or label_column is not None:
+            raise
+        return ImageDataset(splits, image_column, None, None)
+
+    label_feature = features[label_column]
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype == "string":
+        splits = splits.class_encode_column(label_column)
+        label_feature = splits[next(iter(splits))].features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):
+        label_names = list(label_feature.names)
+    else:
+        largest = max(int(max(split[label_column])) for split in splits.values() if len(split))
+        label_names = [str(index) for index in range(largest + 1)]
+    return ImageDataset(splits, image_column, label_column, label_names)
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A `datasets` split as a torch dataset of {"pixel_values": (3, H, W) in [-1, 1], "labels": int, "index": int}.
+
+    Images go through `processor` (RGB conversion, resize, normalisation). With an `augmentation`, each image is
+    first converted to RGB and resized to the processor's size, then augmented with a generator seeded by
+    (seed, epoch, index): a sample is augmented the same way whatever the number of processes or the resume
+    point. Call `set_epoch` at the start of every epoch. "labels" is absent when `label_column` is None.
+    """
+
+    def __init__(
+        self,
+        split: datasets.Dataset,
+        image_column: str,
+        label_column: str | None,
+        processor: PRGImageProcessor,
+        augmentation: TrainAugmentation | None = None,
+        seed: int = 0,
+    ):
+        self.split = split
+        self.image_column = image_column
+        self.label_column = label_column
+        self.processor = processor
+        self.augmentation = None if augmentation is None or augmentation.is_identity else augmentation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.split[index]
+        image = example[self.image_column]
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"Column {self.image_column!r} holds {type(image).__name__}, not images; choose the image column "
+                "with --image_column."
+            )
+        rng = None
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            size = (self.processor.size["width"], self.processor.size["height"])
+            image = Image.fromarray(np.asarray(self.processor.convert_to_rgb(image)))  # (H, W, 3) uint8 -> RGB
+            if image.size != size:
+                image = image.resize(size, self.processor.resample)
+            image = self.augmentation.augment_image(image, rng)
+        pixel_values = self.processor(image, return_tensors="pt")["pixel_values"][0]
+        if rng is not None:
+            pixel_values = self.augmentation.augment_tensor(pixel_values, rng)
+        item = {"pixel_values": pixel_values, "index": index}
+        if self.label_column is not None:
+            item["labels"] = int(example[self.label_column])
+        return item

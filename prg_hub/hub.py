@@ -1,0 +1,294 @@
+"""Model cards and pushes of PRG checkpoints to the Hugging Face Hub.
+
+A PRG repo holds `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`, the model card.
+Cards are rendered through `huggingface_hub.ModelCard` from the template `model_cards/model_card.md` (shipped as
+`prg_hub/templates/model_card.md`, a link to it; documented in `model_cards/README.md`). Their YAML metadata holds `library_name: prg_hub`, the `pipeline_tag`
+(`image-classification` for `PRGForImageClassification`, `image-feature-extraction` for `PRGModel`), tags, the
+data set, the license, `base_model` when the model was finetuned from a Hub checkpoint, and a `model-index` with
+the measured evaluation results. Every number comes from the metrics passed in, which come from the training run
+itself; without them the card says "not evaluated" and the metadata has no `model-index`.
+
+    push_model_to_hub(model, "org/name")                  # a model in memory, one commit
+    push_training_output("runs/finetune-c10", "org/name")  # a training run's output_dir, card from its records
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoConfig
+
+from .configuration_prg import PRGConfig
+from .image_processing_prg import PRGImageProcessor
+from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
+
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+LIBRARY_NAME = "prg_hub"
+DEFAULT_LICENSE = "apache-2.0"
+PIPELINE_TAGS = {PRGModel: "image-feature-extraction", PRGForImageClassification: "image-classification"}
+ROLES = {PRGModel: "image feature extractor", PRGForImageClassification: "image classifier"}
+
+# The files a training run leaves in its output_dir beside the saved model (see `push_training_output`).
+RUN_ARGS_FILE = "args.json"
+RUN_METRICS_FILE = "metrics.json"
+# metrics.json entries that score the saved (final) weights on the evaluation split: entry -> (model-index
+# metric type, metric name). `examples/finetune.py` writes final_top1, the top-1 accuracy as a fraction in [0, 1].
+EVALUATION_METRICS = {"final_top1": ("accuracy", "top-1 accuracy")}
+# Run arguments that are not part of the recipe: where the run wrote and pushed, and any credential.
+NOT_RECIPE_ARGS = ("output_dir", "push_to_hub", "hub_model_id")
+# Weight files: removed from the repo by each push unless the push writes them again, so that a checkpoint
+# saved in one file does not sit beside stale shards of an earlier, sharded one (and vice versa).
+WEIGHT_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` names a Hub repo ("name" or "org/name") rather than a folder on this machine.
+
+    An existing local path wins, as it does for `from_pretrained` and `datasets.load_dataset`.
+    """
+    return not Path(name).exists() and _HUB_ID.fullmatch(name) is not None
+
+
+def architecture_of(config: PRGConfig) -> type[PRGPreTrainedModel]:
+    """The PRG class a saved config was written by (`config.architectures`), `PRGModel` when it names none."""
+    names = config.architectures or [PRGModel.__name__]
+    classes = {cls.__name__: cls for cls in PIPELINE_TAGS}
+    if names[0] not in classes:
+        raise ValueError(f"Unknown PRG architecture {names[0]!r}: expected one of {sorted(classes)}.")
+    return classes[names[0]]
+
+
+def load_prg_config(model_id_or_dir: str, **hub_kwargs) -> PRGConfig:
+    """Load the config of a PRG checkpoint (local folder or Hub id), raising a ValueError if it is not PRG's."""
+    config = AutoConfig.from_pretrained(model_id_or_dir, **hub_kwargs)
+    if not isinstance(config, PRGConfig):
+        raise ValueError(
+            f"{model_id_or_dir!r} is a {config.model_type!r} checkpoint, not a PRG one (model_type 'prg')."
+        )
+    return config
+
+
+def load_prg_model(model_id_or_dir: str, **hub_kwargs) -> PRGPreTrainedModel:
+    """Load a PRG checkpoint with the class that saved it: `PRGModel` or `PRGForImageClassification`."""
+    config = load_prg_config(model_id_or_dir, **hub_kwargs)
+    return architecture_of(config).from_pretrained(model_id_or_dir, config=config, **hub_kwargs)
+
+
+def count_parameters(config: PRGConfig) -> int:
+    """Number of parameters of the model `config` describes, counted on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = architecture_of(config)(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def default_image_processor(config: PRGConfig) -> PRGImageProcessor:
+    """The `PRGImageProcessor` matching the model's input size."""
+    return PRGImageProcessor(size={"height": config.image_size, "width": config.image_size})
+
+
+def eval_results_from_metrics(
+    metrics: Mapping, task_type: str, dataset: str | None, dataset_split: str | None = None
+) -> list[EvalResult]:
+    """One `EvalResult` per `EVALUATION_METRICS` entry present in `metrics`, with its exact value.
+
+    Raises a ValueError if there are evaluation results but no `dataset` to say what they were measured on.
+    """
+    measured = {key: metrics[key] for key in EVALUATION_METRICS if _is_number(metrics.get(key))}
+    if measured and not dataset:
+        raise ValueError(
+            f"The metrics hold evaluation results ({sorted(measured)}) but no data set is named; pass dataset= "
+            "(the training run's `dataset` argument) so the card says what they were measured on."
+        )
+    return [
+        EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, dataset_split=dataset_split,
+                   metric_type=EVALUATION_METRICS[key][0], metric_name=EVALUATION_METRICS[key][1], metric_value=value)
+        for key, value in measured.items()
+    ]
+
+
+def render_model_card(
+    model: PRGPreTrainedModel,
+    repo_id: str,
+    *,
+    dataset: str | None = None,
+    base_model: str | None = None,
+    hyperparameters: Mapping | None = None,
+    metrics: Mapping | None = None,
+    eval_split: str | None = None,
+    license: str = DEFAULT_LICENSE,  # noqa: A002 - the model-card field's name
+) -> ModelCard:
+    """Render the PRG model card of `model` for the repo `repo_id` from `CARD_TEMPLATE`.
+
+    Args:
+        model: a `PRGModel` or `PRGForImageClassification`; the card describes its config and parameter count.
+        repo_id: the repo the card is for ("org/name"); used in the title and the usage snippets.
+        dataset: the training data: a Hub data set id (listed in the `datasets` metadata) or a local folder.
+        base_model: the checkpoint this model was finetuned from; a Hub id becomes the `base_model` metadata.
+        hyperparameters: the run's arguments, shown as the recipe's table.
+        metrics: the run's measured numbers. `EVALUATION_METRICS` entries become the model-index (task = the
+            pipeline tag, data set = `dataset`, split = `eval_split`); every other numeric top-level entry is
+            shown as a training result. Without evaluation entries the card says "not evaluated".
+        license: the license identifier of the weights.
+    """
+    architecture = type(model)
+    if architecture not in PIPELINE_TAGS:
+        raise TypeError(
+            f"render_model_card takes a PRGModel or PRGForImageClassification, got {architecture.__name__}."
+        )
+    config = model.config
+    pipeline_tag = PIPELINE_TAGS[architecture]
+    metrics = dict(metrics or {})
+    eval_results = eval_results_from_metrics(metrics, pipeline_tag, dataset, eval_split)
+    dataset_on_hub = dataset is not None and is_hub_id(dataset)
+    base_model_on_hub = base_model is not None and is_hub_id(base_model)
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=["prg", "pretrained-reversible-generation", "flow-matching", config.path, config.backbone_type],
+        datasets=[dataset] if dataset_on_hub else None,
+        base_model=base_model if base_model_on_hub else None,
+        # model-index entries are named after the model; the name is only written with results.
+        model_name=repo_id.split("/")[-1] if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        repo_id=repo_id,
+        title=repo_id.split("/")[-1],
+        architecture=architecture.__name__,
+        role=ROLES[architecture],
+        is_classifier=architecture is PRGForImageClassification,
+        config=config,
+        num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+        dataset=dataset,
+        dataset_on_hub=dataset_on_hub,
+        base_model=base_model,
+        base_model_on_hub=base_model_on_hub,
+        hyperparameters={key: value for key, value in (hyperparameters or {}).items()
+                         if value is not None and key not in NOT_RECIPE_ARGS and "token" not in key},
+        training_results={key: value for key, value in metrics.items()
+                          if key not in EVALUATION_METRICS and _is_number(value)},
+        eval_results=eval_results,
+    )
+
+
+def push_model_to_hub(
+    model: PRGPreTrainedModel,
+    repo_id: str,
+    *,
+    image_processor: PRGImageProcessor | None = None,
+    card: ModelCard | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "50GB",
+    tags: list[str] | None = None,
+) -> CommitInfo:
+    """Upload a PRG model in one commit: config.json, model.safetensors, preprocessor_config.json and README.md.
+
+    Creates the repo (and the branch `revision`) if needed. `image_processor` defaults to a `PRGImageProcessor`
+    for the model's image size; `card` defaults to `render_model_card(model, repo_id)`, which records no results;
+    `tags` are added to the card's tags. The other arguments are those of `PreTrainedModel.push_to_hub`.
+    Returns the `CommitInfo` (its `oid` is the commit to pin with `revision=`).
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    image_processor = image_processor or default_image_processor(model.config)
+    card = card or render_model_card(model, repo_id)
+    if tags:
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    with tempfile.TemporaryDirectory(prefix="prg-push-") as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        image_processor.save_pretrained(folder)
+        card.save(Path(folder) / "README.md")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {type(model).__name__}",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+            delete_patterns=WEIGHT_FILE_PATTERNS,
+        )
+
+
+def read_training_output(output_dir: str | Path) -> tuple[dict, dict]:
+    """The run records in `output_dir`: (`args.json`, `metrics.json`) as dicts, each `{}` when the file is absent."""
+    records = []
+    for name in (RUN_ARGS_FILE, RUN_METRICS_FILE):
+        path = Path(output_dir) / name
+        records.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
+    return records[0], records[1]
+
+
+def push_training_output(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    license: str = DEFAULT_LICENSE,  # noqa: A002 - the model-card field's name
+) -> CommitInfo:
+    """Push the model a training run saved in `output_dir`, with a card generated from the run's own records.
+
+    Expected in `output_dir` (as `examples/pretrain.py` and `examples/finetune.py` leave it):
+        - the model, saved with `save_pretrained` (config.json + model.safetensors) by `PRGModel` or
+          `PRGForImageClassification`; the class that saved it is the class pushed;
+        - `preprocessor_config.json` (optional; a `PRGImageProcessor` for the model's image size otherwise);
+        - `args.json` (optional): the run's arguments, shown as the card's hyper-parameter table. `dataset` names
+          the training data; `model_name_or_path` the checkpoint it was finetuned from (unless `from_scratch`
+          is true), which becomes `base_model` when it is a Hub id;
+        - `metrics.json` (optional): the run's measured numbers. The `EVALUATION_METRICS` entries (`final_top1`)
+          become the model-index, on the split named by its `eval_split` entry when there is one; every other
+          numeric top-level entry (`steps`, `final_fm_loss`, `best_top1`, ...) is listed as a training result.
+    A folder with neither JSON file is pushed with a card that says "not evaluated".
+    """
+    model = load_prg_model(str(output_dir))
+    processor_file = Path(output_dir) / "preprocessor_config.json"
+    image_processor = PRGImageProcessor.from_pretrained(output_dir) if processor_file.is_file() else None
+    args, metrics = read_training_output(output_dir)
+    card = render_model_card(
+        model,
+        repo_id,
+        dataset=args.get("dataset"),
+        base_model=None if args.get("from_scratch") else args.get("model_name_or_path"),
+        hyperparameters=args,
+        metrics=metrics,
+        eval_split=metrics.get("eval_split"),
+        license=license,
+    )
+    return push_model_to_hub(model, repo_id, image_processor=image_processor, card=card,
+                             commit_message=commit_message, private=private, token=token, revision=revision)
+
+
+def load_model_card(model_id_or_dir: str, **hub_kwargs) -> ModelCard | None:
+    """The model card of a local checkpoint folder (its README.md) or a Hub repo; None when it has none."""
+    folder = Path(model_id_or_dir)
+    if folder.is_dir():
+        readme = folder / "README.md"
+        return ModelCard.load(readme) if readme.is_file() else None
+    try:
+        return ModelCard.load(model_id_or_dir, **hub_kwargs)
+    except EntryNotFoundError:
+        return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,190 @@
+"""Data loading, column detection, grayscale handling, augmentations and presets used by the example scripts."""
+
+import itertools
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prg_hub import PRGImageProcessor
+from prg_hub.augment import RANDAUGMENT_OPS, TrainAugmentation, rand_augment, random_crop_with_padding, random_erasing
+from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.presets import PRESETS, backbone_preset
+
+SIZE = 8
+
+
+def _images(count, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (SIZE, SIZE) if mode == "L" else (SIZE, SIZE, 3)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode) for _ in range(count)]
+
+
+def write_parquet(folder, image_column="img", label_column="label", mode="RGB", names=("cat", "dog", "fox")):
+    """train (6 rows) and test (3 rows) parquet files with an Image feature and a ClassLabel."""
+    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=list(names))})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", 6), ("test", 3)):
+        labels = [i % len(names) for i in range(count)]
+        columns = {image_column: _images(count, mode), label_column: labels}
+        table = datasets.Dataset.from_dict(columns, features=features)
+        table.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize(("image_column", "label_column"), [("img", "label"), ("image", "labels")])
+def test_columns_are_detected_by_name(tmp_path, image_column, label_column):
+    data = load_image_dataset(str(write_parquet(tmp_path / "d", image_column, label_column)))
+    assert (data.image_column, data.label_column) == (image_column, label_column)
+    assert data.label_names == ["cat", "dog", "fox"]
+    assert sorted(data.splits) == ["test", "train"]
+
+
+def test_columns_are_detected_by_feature_type_or_named(tmp_path):
+    folder = write_parquet(tmp_path / "d", "picture", "category")
+    data = load_image_dataset(str(folder))
+    assert (data.image_column, data.label_column) == ("picture", "category")
+    named = load_image_dataset(str(folder), image_column="picture", label_column="category")
+    assert named.label_names == ["cat", "dog", "fox"]
+
+
+def test_missing_column_error_lists_existing_columns(tmp_path):
+    folder = write_parquet(tmp_path / "d", "picture", "category")
+    with pytest.raises(ValueError, match=r"'pixels' not found.*\['picture', 'category'\]"):
+        load_image_dataset(str(folder), image_column="pixels")
+    with pytest.raises(ValueError, match=r"'target' not found.*\['picture', 'category'\]"):
+        load_image_dataset(str(folder), label_column="target")
+
+
+def test_undetectable_label_column_error_names_columns_and_option(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    features = datasets.Features({"img": datasets.Image(), "a": datasets.Value("int64"), "b": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"img": _images(2), "a": [0, 1], "b": [1, 0]}, features=features).to_parquet(
+        str(folder / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(ValueError, match=r"No label column found.*\['img', 'a', 'b'\].*--label_column"):
+        load_image_dataset(str(folder))
+    unlabelled = load_image_dataset(str(folder), require_labels=False)  # pretraining needs no labels
+    assert unlabelled.label_column is None and unlabelled.image_column == "img"
+
+
+def test_split_resolution_and_unknown_split(tmp_path):
+    data = load_image_dataset(str(write_parquet(tmp_path / "d")))
+    assert data.split_name("eval") == "test"
+    assert len(data.split("train", max_samples=4)) == 4
+    with pytest.raises(ValueError, match=r"'validation' not found.*\['train', 'test'\]"):
+        data.split("validation")
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No folder at .*Hub dataset id"):
+        load_image_dataset(str(tmp_path / "nowhere"))
+
+
+def test_imagefolder_with_string_class_names(tmp_path):
+    for name, image in zip(("ant", "bee", "ant", "bee"), _images(4), strict=True):
+        (tmp_path / "train" / name).mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / "train" / name / f"{len(list((tmp_path / 'train' / name).iterdir()))}.png")
+    data = load_image_dataset(str(tmp_path))
+    assert data.label_names == ["ant", "bee"]
+    labels = sorted(data.split("train")[data.label_column])
+    assert labels == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("augmentation", ["none", "randaugment"])
+def test_grayscale_images_become_three_equal_channels(tmp_path, augmentation):
+    data = load_image_dataset(str(write_parquet(tmp_path / "d", mode="L")))
+    processor = PRGImageProcessor(size={"height": 16, "width": 16})
+    dataset = ImageClassificationDataset(
+        data.split("train"), data.image_column, data.label_column, processor, TrainAugmentation(augmentation, 16)
+    )
+    item = dataset[1]
+    assert item["pixel_values"].shape == (3, 16, 16)
+    assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+    assert torch.equal(item["pixel_values"][0], item["pixel_values"][1])
+    assert torch.equal(item["pixel_values"][1], item["pixel_values"][2])
+    assert item["labels"] == 1 and item["index"] == 1
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    data = load_image_dataset(str(write_parquet(tmp_path / "d")))
+    processor = PRGImageProcessor(size={"height": SIZE, "width": SIZE})
+
+    def dataset(seed):
+        return ImageClassificationDataset(
+            data.split("train"), data.image_column, data.label_column, processor,
+            TrainAugmentation("randaugment", SIZE, random_erasing=0.5), seed=seed,
+        )
+
+    first, second = dataset(0), dataset(0)
+    assert torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
+    plain = ImageClassificationDataset(data.split("train"), data.image_column, data.label_column, processor)
+    outcomes = []
+    for epoch in range(4):
+        first.set_epoch(epoch)
+        outcomes.append(first[3]["pixel_values"])
+    assert any(not torch.equal(a, b) for a, b in itertools.pairwise(outcomes))
+    assert any(not torch.equal(a, plain[3]["pixel_values"]) for a in outcomes)
+
+
+def test_random_crop_with_padding_shifts_the_image():
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    rng = np.random.default_rng(0)
+    crops = [np.asarray(random_crop_with_padding(image, 2, rng)) for _ in range(20)]
+    assert all(crop.shape == (8, 8, 3) for crop in crops)
+    assert all(set(np.unique(crop)) <= {0, 200} for crop in crops)  # original pixels or the zero padding
+    assert len({crop.tobytes() for crop in crops}) > 3
+
+
+def test_every_randaugment_operation_keeps_size_and_mode():
+    image = _images(1)[0].resize((16, 16))
+    for name, operation in RANDAUGMENT_OPS.items():
+        for strength in (0.0, 0.5, 1.0):
+            out = operation(image, strength, np.random.default_rng(1))
+            assert (out.size, out.mode) == (image.size, image.mode), (name, strength)
+    changed = [not np.array_equal(np.asarray(rand_augment(image, np.random.default_rng(s))), np.asarray(image))
+               for s in range(10)]
+    assert any(changed)
+
+
+def test_random_erasing_fills_one_rectangle_with_noise():
+    pixels = torch.zeros(3, 16, 16)
+    erased = random_erasing(pixels, np.random.default_rng(0), probability=1.0)
+    rows, cols = torch.nonzero(erased.abs().sum(0)).unbind(1)
+    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0 < len(rows) == area  # a filled rectangle
+    assert torch.equal(random_erasing(pixels, np.random.default_rng(0), probability=0.0), pixels)
+
+
+def test_unknown_augmentation_and_preset_errors_list_allowed_values():
+    with pytest.raises(ValueError, match=r"Unknown augmentation 'autoaug'.*'randaugment'"):
+        TrainAugmentation("autoaug", 32)
+    with pytest.raises(ValueError, match=r"Unknown preset 'huge'.*\['tiny', 'small', 'paper'\]"):
+        backbone_preset("unet2d", "huge", 32)
+    with pytest.raises(ValueError, match=r"Unknown backbone 'vit'.*'dit'"):
+        backbone_preset("vit", "tiny", 32)
+
+
+@pytest.mark.parametrize(("backbone", "preset", "image_size", "millions"), [
+    ("unet2d", "paper", 32, 52.5), ("unet2d", "paper", 64, 121.1), ("dit", "paper", 32, 35.2),
+    ("unet2d", "small", 32, 6.9), ("dit", "small", 32, 8.0),
+])
+def test_preset_sizes(backbone, preset, image_size, millions):
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    network_class = UNet2DModel if backbone == "unet2d" else DiTTransformer2DModel
+    with torch.device("meta"):
+        network = network_class.from_config(backbone_preset(backbone, preset, image_size))
+    assert sum(p.numel() for p in network.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
+def test_paper_unet_matches_the_official_architecture():
+    config = backbone_preset("unet2d", "paper", 32)
+    assert config["block_out_channels"] == [128, 256, 256, 256]
+    assert config["layers_per_block"] == 3
+    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert backbone_preset("unet2d", "paper", 64)["block_out_channels"] == [128, 256, 384, 512]
+    assert set(PRESETS) == {"tiny", "small", "paper"}

@@ -1,0 +1,239 @@
+"""Pushing PRG models to the Hub and pulling them back, with the real clients and the local hub (conftest.py)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForImageClassification, pipeline
+
+from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel, PRGPreTrainedModel
+from prg_hub.hub import push_model_to_hub, push_training_output, read_training_output, render_model_card
+
+LABELS = {0: "cat", 1: "dog", 2: "bird"}
+REPO_FILES = [".gitattributes", "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def tiny_model(model_class: type, seed: int) -> PRGPreTrainedModel:
+    torch.manual_seed(seed)
+    return model_class(PRGConfig(image_size=16, num_steps=2, num_labels=3, id2label=LABELS)).eval()
+
+
+def assert_same_weights(loaded: torch.nn.Module, expected: torch.nn.Module) -> None:
+    loaded_state, expected_state = loaded.state_dict(), expected.state_dict()
+    assert loaded_state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(loaded_state[name], tensor), name
+
+
+def random_image(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def pipeline_output(task: str, repo_id: str, image: Image.Image, **load_kwargs) -> np.ndarray:
+    """What `pipeline(task, model=repo_id)` returns for one image: label scores in label order, or pooled features."""
+    runner = pipeline(task, model=repo_id, **load_kwargs)
+    if task == "image-classification":
+        predictions = runner(image, top_k=len(LABELS))
+        return np.array([next(p["score"] for p in predictions if p["label"] == label) for label in LABELS.values()])
+    return np.asarray(runner(image, pool=True, return_tensors=True)).reshape(-1)
+
+
+def direct_output(model: PRGPreTrainedModel, image: Image.Image) -> np.ndarray:
+    """The same quantity computed with the model in memory."""
+    pixel_values = PRGImageProcessor(size={"height": 16, "width": 16})(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        if isinstance(model, PRGForImageClassification):
+            return model(pixel_values).logits.softmax(-1)[0].numpy()
+        return model(pixel_values).pooler_output[0].numpy()
+
+
+TASKS = {PRGModel: "image-feature-extraction", PRGForImageClassification: "image-classification"}
+AUTO_CLASSES = {PRGModel: AutoModel, PRGForImageClassification: AutoModelForImageClassification}
+
+
+@pytest.mark.parametrize("model_class", [PRGModel, PRGForImageClassification])
+def test_push_then_from_pretrained_and_pipeline_pull_the_same_model(hub_server, model_class):
+    repo_id = f"org/round-trip-{model_class.__name__.lower()}"
+    model = tiny_model(model_class, seed=0)
+    commit = push_model_to_hub(model, repo_id)
+
+    api = HfApi()
+    assert sorted(api.list_repo_files(repo_id)) == REPO_FILES
+    assert [c.commit_id for c in api.list_repo_commits(repo_id)][0] == commit.oid  # a single commit for it all
+
+    loaded = model_class.from_pretrained(repo_id)
+    assert type(loaded) is model_class
+    assert_same_weights(loaded, model)
+    assert type(AUTO_CLASSES[model_class].from_pretrained(repo_id)) is model_class
+    assert PRGImageProcessor.from_pretrained(repo_id).size == {"height": 16, "width": 16}
+
+    image = random_image(1)
+    np.testing.assert_allclose(pipeline_output(TASKS[model_class], repo_id, image), direct_output(model, image),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_model_push_to_hub_uploads_processor_and_prg_card(hub_server):
+    model = tiny_model(PRGForImageClassification, seed=0)
+    commit = model.push_to_hub("org/method-push", commit_message="first version", tags=["demo"])
+
+    assert sorted(HfApi().list_repo_files("org/method-push")) == REPO_FILES
+    assert HfApi().list_repo_commits("org/method-push")[0].title == "first version"
+    card = ModelCard.load("org/method-push")
+    assert card.data.library_name == "prg_hub" and card.data.pipeline_tag == "image-classification"
+    assert {"prg", "demo"} <= set(card.data.tags)
+    assert_same_weights(PRGForImageClassification.from_pretrained("org/method-push", revision=commit.oid), model)
+
+
+def test_revision_pins_a_commit_and_a_branch(hub_server):
+    repo_id = "org/pinned-prg"
+    first, second = tiny_model(PRGForImageClassification, seed=1), tiny_model(PRGForImageClassification, seed=2)
+    first_commit = push_model_to_hub(first, repo_id)
+    second_commit = push_model_to_hub(second, repo_id)
+    HfApi().create_branch(repo_id, branch="v1", revision=first_commit.oid)
+    assert first_commit.oid != second_commit.oid
+
+    assert_same_weights(PRGForImageClassification.from_pretrained(repo_id), second)
+    assert_same_weights(PRGForImageClassification.from_pretrained(repo_id, revision=first_commit.oid), first)
+    assert_same_weights(PRGForImageClassification.from_pretrained(repo_id, revision="v1"), first)
+    image = random_image(2)
+    np.testing.assert_allclose(pipeline_output("image-classification", repo_id, image, revision="v1"),
+                               direct_output(first, image), rtol=1e-5, atol=1e-6)
+
+    third = tiny_model(PRGForImageClassification, seed=3)
+    push_model_to_hub(third, repo_id, revision="dev")  # a push to a new branch creates it and leaves main alone
+    assert_same_weights(PRGForImageClassification.from_pretrained(repo_id, revision="dev"), third)
+    assert HfApi().model_info(repo_id).sha == second_commit.oid
+
+
+def test_a_push_replaces_the_weight_files_of_the_previous_one(hub_server):
+    repo_id, api = "org/resharded", HfApi()
+    sharded, single = tiny_model(PRGModel, seed=7), tiny_model(PRGModel, seed=8)
+    push_model_to_hub(sharded, repo_id, max_shard_size="1MB")
+    shards = [name for name in api.list_repo_files(repo_id) if name.startswith("model-")]
+    assert len(shards) > 1 and api.file_exists(repo_id, "model.safetensors.index.json")
+    assert_same_weights(PRGModel.from_pretrained(repo_id), sharded)
+
+    push_model_to_hub(single, repo_id)
+    assert sorted(api.list_repo_files(repo_id)) == REPO_FILES  # no stale shards or index beside the new file
+    assert_same_weights(PRGModel.from_pretrained(repo_id), single)
+
+
+def write_run(folder, model: PRGPreTrainedModel, args: dict, metrics: dict) -> None:
+    """A training run's output_dir as the example scripts leave it: model, processor, args.json, metrics.json."""
+    model.save_pretrained(folder)
+    PRGImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    (folder / "args.json").write_text(json.dumps(args))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_card_from_a_training_run_round_trips_through_the_hub(hub_server, tmp_path):
+    model = tiny_model(PRGForImageClassification, seed=4)
+    args = {"dataset": "uoft-cs/cifar10", "model_name_or_path": "org/prg-otcfm-c10", "from_scratch": False,
+            "eval_split": "eval", "learning_rate": 1.25e-4, "label_smoothing": 0.1, "hub_token": "hf_secret",
+            "output_dir": str(tmp_path), "max_train_samples": None}
+    metrics = {"final_top1": 0.7132958984375, "best_top1": 0.72, "best_epoch": 3, "eval_split": "test",
+               "eval_split_size": 10000, "steps": 1200, "history": [{"epoch": 0, "eval_top1": 0.5}],
+               "global_batches_sha256": "ab12", "pretrained": "org/prg-otcfm-c10"}
+    write_run(tmp_path, model, args, metrics)
+    push_training_output(tmp_path, "org/carded")
+
+    card = ModelCard.load("org/carded")
+    assert card.data.library_name == "prg_hub"
+    assert card.data.pipeline_tag == "image-classification"
+    assert card.data.base_model == "org/prg-otcfm-c10"
+    assert card.data.datasets == ["uoft-cs/cifar10"]
+    assert card.data.license == "apache-2.0"
+    assert {"prg", "flow-matching", "otcfm", "unet2d"} <= set(card.data.tags)
+    [accuracy] = card.data.eval_results  # only the final weights' score is a result of this checkpoint
+    assert (accuracy.metric_type, accuracy.metric_value) == ("accuracy", 0.7132958984375)
+    assert (accuracy.task_type, accuracy.dataset_type, accuracy.dataset_split) == (
+        "image-classification", "uoft-cs/cifar10", "test")
+
+    text = card.text
+    assert 'pipeline("image-classification", model="org/carded")' in text
+    assert "| uoft-cs/cifar10 | test | accuracy | 0.7132958984375 |" in text
+    assert "| steps | 1200 |" in text and "| best_top1 | 0.72 |" in text and "| eval_split_size | 10000 |" in text
+    assert "| learning_rate | `0.000125` |" in text and "| label_smoothing | `0.1` |" in text
+    assert "hf_secret" not in text and str(tmp_path) not in text and "max_train_samples" not in text
+    assert "arXiv:2412.01787" in text and "## Limitations" in text
+    assert_same_weights(PRGForImageClassification.from_pretrained("org/carded"), model)
+
+
+def test_card_of_a_run_from_scratch_names_no_base_model(tmp_path):
+    model = tiny_model(PRGForImageClassification, seed=4)
+    write_run(tmp_path, model, {"dataset": "uoft-cs/cifar10", "model_name_or_path": "org/unused",
+                                "from_scratch": True}, {"final_top1": 0.5})
+    args, metrics = read_training_output(tmp_path)
+    card = render_model_card(model, "org/scratch", dataset=args["dataset"], metrics=metrics,
+                             base_model=None if args["from_scratch"] else args["model_name_or_path"])
+    assert card.data.base_model is None and card.data.eval_results[0].dataset_split is None
+    assert "| uoft-cs/cifar10 | not recorded | accuracy | 0.5 |" in card.text
+
+
+def test_card_without_run_metrics_invents_no_results(hub_server, tmp_path):
+    push_model_to_hub(tiny_model(PRGModel, seed=5), "org/uncarded")
+    card = ModelCard.load("org/uncarded")
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    metadata = yaml.safe_load(card.content.split("---")[1])
+    assert "model-index" not in metadata and card.data.eval_results is None
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "Not evaluated" in card.text
+    assert 'pipeline("image-feature-extraction", model="org/uncarded")' in card.text
+
+    local_base = tmp_path / "pretrained-flow"
+    local_base.mkdir()
+    card = render_model_card(tiny_model(PRGModel, seed=5), "org/x", base_model=str(local_base))
+    assert card.data.base_model is None  # a folder on this machine is no Hub base model
+    assert f"the local checkpoint `{local_base}`" in card.text
+
+
+def test_eval_results_without_a_dataset_are_refused():
+    with pytest.raises(ValueError, match=r"evaluation results \(\['final_top1'\]\) but no data set is named"):
+        render_model_card(tiny_model(PRGForImageClassification, seed=0), "org/x", metrics={"final_top1": 0.5})
+
+
+def test_pulled_model_loads_offline_with_no_server(hub_server, tmp_path):
+    repo_id, weights_file = "org/offline-prg", tmp_path / "pulled.safetensors"
+    model = tiny_model(PRGForImageClassification, seed=6)
+    push_model_to_hub(model, repo_id)
+    image = random_image(3)
+    expected = pipeline_output("image-classification", repo_id, image)  # fills the cache: model and processor
+    script = textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import huggingface_hub.constants
+        import prg_hub
+        from PIL import Image
+        from transformers import pipeline
+        from safetensors.torch import save_file
+        assert huggingface_hub.constants.HF_HUB_OFFLINE
+        pixels = np.random.default_rng(3).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+        classifier = pipeline("image-classification", model={repo_id!r})
+        model = prg_hub.PRGForImageClassification.from_pretrained({repo_id!r})
+        scores = {{p["label"]: p["score"] for p in classifier(Image.fromarray(pixels), top_k=3)}}
+        save_file(model.state_dict(), {str(weights_file)!r})
+        print(json.dumps(scores))
+    """)
+    with socket.socket() as probe:  # a port that nothing listens on: no hub server at all for the subprocess
+        probe.bind(("127.0.0.1", 0))
+        dead_endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": dead_endpoint}  # same HF_HOME, same cache
+    result = subprocess.run([sys.executable, "-c", script], env=offline, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pulled = json.loads(result.stdout.splitlines()[-1])
+    np.testing.assert_allclose([pulled[label] for label in LABELS.values()], expected, rtol=1e-5, atol=1e-6)
+    pulled_weights = load_file(weights_file)
+    assert pulled_weights.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(pulled_weights[name], tensor), name
