@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, PRGImageProcessor
-from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import write_json
 
 logger = get_logger(__name__)
@@ -97,7 +97,8 @@ def main(argv=None):
         image_data.split(split_name, args.max_eval_samples), image_data.image_column, image_data.label_column, processor
     )
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.dataloader_num_workers
+        dataset, batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
+        collate_fn=collate_readable,
     )
     model, dataloader = accelerator.prepare(model, dataloader)
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, PRGImageProcessor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
-from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.hub import push_training_output
 from prg_hub.presets import PRESETS, backbone_preset
 from prg_hub.training import (
@@ -203,13 +203,15 @@ def main(argv=None):
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
+        collate_fn=collate_readable,
         batch_size=args.train_batch_size,
         shuffle=True,
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG for the model (see pretrain.py)
     )
     eval_dataloader = torch.utils.data.DataLoader(
-        eval_dataset, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers
+        eval_dataset, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+        collate_fn=collate_readable,
     )
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

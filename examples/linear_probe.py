@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, PRGImageProcessor
-from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import save_model, write_json
 
 logger = get_logger(__name__)
@@ -133,7 +133,8 @@ class LinearProbe(nn.Module):
 def extract_features(feature_fn, dataset, args, accelerator, description: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) and labels (N,) of a whole split, in dataset order, on every process."""
     dataloader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.feature_batch_size, num_workers=args.dataloader_num_workers
+        dataset, batch_size=args.feature_batch_size, num_workers=args.dataloader_num_workers,
+        collate_fn=collate_readable,
     ))
     features, labels, indices = [], [], []
     for batch in tqdm(dataloader, desc=description, disable=not accelerator.is_local_main_process):

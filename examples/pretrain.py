@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from prg_hub import PATHS, PRGConfig, PRGImageProcessor, PRGModel
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
-from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.hub import push_training_output
 from prg_hub.presets import PRESETS, backbone_preset
 from prg_hub.training import (
@@ -160,6 +160,7 @@ def main(argv=None):
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
+        collate_fn=collate_readable,
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=True,

@@ -5,6 +5,9 @@ as parquet files or as an image folder (`load_dataset(folder)` picks the format 
 label columns are found by name (`img`/`image`, `label`/`labels`) or by feature type (`Image`, `ClassLabel`),
 or named explicitly.
 
+Unreadable images (corrupt or truncated bytes) do not stop a run: the example is skipped with a warning that
+names its index and the decoder's reason, and `collate_readable` builds each batch from the readable examples.
+
 Grayscale and every other PIL mode: images are converted to 3-channel RGB by `PRGImageProcessor` (a grey
 image becomes three equal channels). Every PRG model is therefore RGB, the head's input is C·16² = 768 as in the
 paper, and a flow pretrained on colour images can be finetuned on a grayscale dataset and the other way round.
@@ -12,6 +15,7 @@ paper, and a flow pretrained on colour images can be finetuned on a grayscale da
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from PIL import Image
 
 from .augment import TrainAugmentation
 from .image_processing_prg import PRGImageProcessor
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("img", "image")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
@@ -178,8 +184,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> dict:
-        example = self.split[index]
+    def __getitem__(self, index: int) -> dict | None:
+        """The example at `index`, or None (with a warning naming it) when its image cannot be decoded."""
+        try:
+            example = self.split[index]
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for corrupt or truncated files
+            logger.warning(f"Skipping example {index}: its image cannot be decoded ({type(error).__name__}: {error}).")
+            return None
         image = example[self.image_column]
         if not isinstance(image, Image.Image):
             raise TypeError(
@@ -201,3 +212,12 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if self.label_column is not None:
             item["labels"] = int(example[self.label_column])
         return item
+
+
+def collate_readable(items: list[dict | None]) -> dict:
+    """`default_collate` of the examples whose image could be decoded (`ImageClassificationDataset` gives None
+    for the others). A batch with no readable image at all is an error naming the problem."""
+    readable = [item for item in items if item is not None]
+    if not readable:
+        raise ValueError(f"None of the {len(items)} images of this batch can be decoded; check the dataset files.")
+    return torch.utils.data.default_collate(readable)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from prg_hub import PRGImageProcessor
 from prg_hub.augment import RANDAUGMENT_OPS, TrainAugmentation, rand_augment, random_crop_with_padding, random_erasing
-from prg_hub.data import ImageClassificationDataset, load_image_dataset
+from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.presets import PRESETS, backbone_preset
 
 SIZE = 8
@@ -188,3 +188,26 @@ def test_paper_unet_matches_the_official_architecture():
     assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
     assert backbone_preset("unet2d", "paper", 64)["block_out_channels"] == [128, 256, 384, 512]
     assert set(PRESETS) == {"tiny", "small", "paper"}
+
+
+def test_unreadable_images_are_skipped_with_a_warning_and_the_rest_kept(tmp_path, caplog):
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    good = _images(3)
+    rows = {"img": [good[0], {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}, good[1], good[2]],
+            "label": [0, 1, 0, 1]}
+    folder = tmp_path / "d"
+    folder.mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    data = load_image_dataset(str(folder))
+    dataset = ImageClassificationDataset(data.split("train"), "img", "label", PRGImageProcessor())
+
+    with caplog.at_level("WARNING"):
+        items = [dataset[index] for index in range(len(dataset))]
+    assert items[1] is None
+    assert "Skipping example 1: its image cannot be decoded" in caplog.text
+    batch = collate_readable(items)
+    assert batch["index"].tolist() == [0, 2, 3]
+    assert batch["labels"].tolist() == [0, 0, 1]
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="None of the 2 images of this batch can be decoded"):
+        collate_readable([None, None])
