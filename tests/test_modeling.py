@@ -202,3 +202,30 @@ def test_per_step_checkpointing_keeps_gradients_and_follows_the_config():
     model = tiny_classifier()
     model.activation_checkpointing_enable()
     assert model.config.gradient_checkpointing is True
+
+
+def _saved_activation_bytes(num_steps, gradient_checkpointing):
+    """Bytes autograd keeps for the backward pass of one forward through `num_steps` Euler steps."""
+    torch.manual_seed(0)
+    config = PRGConfig(image_size=8, backbone_config=dict(MINI_UNET), num_steps=num_steps,
+                       gradient_checkpointing=gradient_checkpointing)
+    model = PRGModel(config)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images(batch=4, size=8)).last_hidden_state.sum()
+    return sum(saved)
+
+
+def test_per_step_checkpointing_keeps_memory_from_growing_with_the_steps():
+    state_bytes = 4 * 3 * 8 * 8 * 4  # one (B, C, H, W) float32 state
+    plain = [_saved_activation_bytes(steps, False) for steps in (4, 8)]
+    checkpointed = [_saved_activation_bytes(steps, True) for steps in (4, 8)]
+    plain_per_step = (plain[1] - plain[0]) / 4
+    checkpointed_per_step = (checkpointed[1] - checkpointed[0]) / 4
+    assert plain_per_step > 100 * state_bytes  # every network activation of every step is kept
+    assert checkpointed_per_step <= 1.5 * state_bytes  # only the state at each grid point is kept
