@@ -78,7 +78,7 @@ def main(argv=None):
     model = PRGForImageClassification.from_pretrained(args.model_name_or_path, **overrides)
     model.eval()
     image_size = model.config.image_size
-    processor = PRGImageProcessor(size={"height": image_size, "width": image_size})
+    processor = PRGImageProcessor.for_image_size(image_size)
 
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, label_column=args.label_column, cache_dir=args.cache_dir

@@ -186,7 +186,7 @@ def main(argv=None):
     model = build_model(args, image_data.label_names)
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
-    processor = PRGImageProcessor(size={"height": image_size, "width": image_size})
+    processor = PRGImageProcessor.for_image_size(image_size)
     train_dataset = ImageClassificationDataset(
         image_data.split(args.train_split, args.max_train_samples),
         image_data.image_column,
@@ -298,7 +298,7 @@ def main(argv=None):
         if top1 > trainer_state["best_top1"]:
             trainer_state.update(best_top1=top1, best_epoch=epoch)
             if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), output_dir / "best", image_size)
+                save_model(accelerator.unwrap_model(model), output_dir / "best")
         if global_step % args.checkpointing_steps == 0:  # after the evaluation, so the checkpoint holds it
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                             extra_json={TRAINER_STATE: trainer_state})
@@ -310,7 +310,7 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), output_dir, image_size)
+        save_model(accelerator.unwrap_model(model), output_dir)
         history = trainer_state["history"]
         metrics = {
             "steps": global_step,

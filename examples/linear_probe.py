@@ -192,7 +192,7 @@ def main(argv=None):
     model.requires_grad_(False).eval()
     prg = accelerator.prepare_model(model.prg, evaluation_mode=True)
     image_size = model.config.image_size
-    processor = PRGImageProcessor(size={"height": image_size, "width": image_size})
+    processor = PRGImageProcessor.for_image_size(image_size)
 
     if args.method == "prg_head":
         def feature_fn(pixel_values, indices):
@@ -217,7 +217,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.method == "prg_head":
-            save_model(model, output_dir, image_size)
+            save_model(model, output_dir)
         else:
             save_file(classifier.state_dict(), str(output_dir / "probe.safetensors"))
             write_json(output_dir / "probe_config.json", {

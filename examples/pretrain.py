@@ -149,7 +149,7 @@ def main(argv=None):
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
     )
-    processor = PRGImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    processor = PRGImageProcessor.for_image_size(args.image_size)
     train_dataset = ImageClassificationDataset(
         image_data.split(args.train_split, args.max_train_samples),
         image_data.image_column,
@@ -290,7 +290,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        save_model(unwrapped, args.output_dir, args.image_size)
+        save_model(unwrapped, args.output_dir)
         grid = save_samples(unwrapped, None, args, global_step)
         metrics = {
             "steps": global_step,

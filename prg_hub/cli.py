@@ -40,7 +40,6 @@ from .hub import (
     PIPELINE_TAGS,
     architecture_of,
     count_parameters,
-    default_image_processor,
     load_model_card,
     load_prg_config,
     push_training_output,
@@ -144,7 +143,7 @@ def load_model(args: argparse.Namespace, model_id: str, model_class: type):
     try:
         processor = PRGImageProcessor.from_pretrained(model_id)
     except OSError:  # a folder saved by save_pretrained alone has no preprocessor_config.json
-        processor = default_image_processor(config)
+        processor = PRGImageProcessor.for_image_size(config.image_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 

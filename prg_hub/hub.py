@@ -89,11 +89,6 @@ def count_parameters(config: PRGConfig) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def default_image_processor(config: PRGConfig) -> PRGImageProcessor:
-    """The `PRGImageProcessor` matching the model's input size."""
-    return PRGImageProcessor(size={"height": config.image_size, "width": config.image_size})
-
-
 def eval_results_from_metrics(
     metrics: Mapping, task_type: str, dataset: str | None, dataset_split: str | None = None
 ) -> list[EvalResult]:
@@ -208,7 +203,7 @@ def push_model_to_hub(
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    image_processor = image_processor or default_image_processor(model.config)
+    image_processor = image_processor or PRGImageProcessor.for_image_size(model.config.image_size)
     card = card or render_model_card(model, repo_id)
     if tags:
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))

@@ -32,6 +32,11 @@ class PRGImageProcessor(PilBackend):
     do_normalize = True
     do_convert_rgb = True
 
+    @classmethod
+    def for_image_size(cls, image_size: int) -> "PRGImageProcessor":
+        """The processor for a model that takes image_size × image_size images (`PRGConfig.image_size`)."""
+        return cls(size={"height": image_size, "width": image_size})
+
     def convert_to_rgb(self, image, input_data_format=None):
         """RGB conversion that keeps the range of 16-bit grayscale images (PIL would clip them at 255)."""
         if isinstance(image, Image.Image) and image.mode in SIXTEEN_BIT_MODES:

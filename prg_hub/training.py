@@ -198,10 +198,10 @@ def parameters_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_model(model: nn.Module, output_dir: str | Path, image_size: int) -> None:
+def save_model(model: nn.Module, output_dir: str | Path) -> None:
     """`save_pretrained` (safetensors) plus the `PRGImageProcessor` that `pipeline(...)` loads beside it."""
     model.save_pretrained(output_dir, safe_serialization=True)
-    PRGImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(output_dir)
+    PRGImageProcessor.for_image_size(model.config.image_size).save_pretrained(output_dir)
 
 
 def write_json(path: str | Path, data: dict) -> None:
