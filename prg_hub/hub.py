@@ -9,15 +9,19 @@ the measured evaluation results. Every number comes from the metrics passed in, 
 itself; without them the card says "not evaluated" and the metadata has no `model-index`.
 
     push_model_to_hub(model, "org/name")                  # a model in memory, one commit
-    push_training_output("runs/finetune-c10", "org/name")  # a training run's output_dir, card from its records
+    push_training_output("runs/finetune-c10", "org/name")  # a saved folder as stored; card from its records
+
+Cards of published checkpoints add what the records cannot say (hardware, commands, limits) as `CardDetails`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +51,31 @@ NOT_RECIPE_ARGS = ("output_dir", "push_to_hub", "hub_model_id")
 # saved in one file does not sit beside stale shards of an earlier, sharded one (and vice versa).
 WEIGHT_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+@dataclass(frozen=True)
+class CardDetails:
+    """What a card of a published checkpoint says beyond the run's own records (all optional).
+
+    Attributes:
+        hardware: where it was trained, e.g. "one NVIDIA H200".
+        training_minutes: wall-clock minutes of training, all stages together.
+        training_commands: the exact commands that trained it, shown as a shell block.
+        training_commands_note: one line said of those commands (e.g. how their paths were made generic).
+        evaluation_source: who measured the evaluation table and how (replaces "Measured by the training run").
+        evaluation_notes: further measured facts, one bullet each, under the evaluation table.
+        limitations: plain-words limits of this checkpoint, listed before the generic ones.
+        shipped_default: the checkpoint is `prg_hub.DEFAULT_MODEL`; usage snippets then name it.
+    """
+
+    hardware: str | None = None
+    training_minutes: float | None = None
+    training_commands: Sequence[str] = ()
+    training_commands_note: str | None = None
+    evaluation_source: str | None = None
+    evaluation_notes: Sequence[str] = ()
+    limitations: Sequence[str] = ()
+    shipped_default: bool = False
 
 
 def is_hub_id(name: str) -> bool:
@@ -119,6 +148,7 @@ def render_model_card(
     metrics: Mapping | None = None,
     eval_split: str | None = None,
     license: str = DEFAULT_LICENSE,  # noqa: A002 - the model-card field's name
+    details: CardDetails | None = None,
 ) -> ModelCard:
     """Render the PRG model card of `model` for the repo `repo_id` from `CARD_TEMPLATE`.
 
@@ -132,6 +162,7 @@ def render_model_card(
             pipeline tag, data set = `dataset`, split = `eval_split`); every other numeric top-level entry is
             shown as a training result. Without evaluation entries the card says "not evaluated".
         license: the license identifier of the weights.
+        details: hardware, time, commands, evaluation notes and limitations beyond the run's records.
     """
     architecture = type(model)
     if architecture not in PIPELINE_TAGS:
@@ -174,6 +205,7 @@ def render_model_card(
         training_results={key: value for key, value in metrics.items()
                           if key not in EVALUATION_METRICS and _is_number(value)},
         eval_results=eval_results,
+        details=details or CardDetails(),
     )
 
 
@@ -200,9 +232,7 @@ def push_model_to_hub(
     Returns the `CommitInfo` (its `oid` is the commit to pin with `revision=`).
     """
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    repo_id = _create_repo(api, repo_id, private, revision)
     image_processor = image_processor or PRGImageProcessor.for_image_size(model.config.image_size)
     card = card or render_model_card(model, repo_id)
     if tags:
@@ -211,15 +241,49 @@ def push_model_to_hub(
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         image_processor.save_pretrained(folder)
         card.save(Path(folder) / "README.md")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or f"Upload {type(model).__name__}",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-            delete_patterns=WEIGHT_FILE_PATTERNS,
-        )
+        return _upload_model_folder(api, folder, repo_id, commit_message or f"Upload {type(model).__name__}",
+                                    commit_description=commit_description, revision=revision, create_pr=create_pr)
+
+
+def _create_repo(api: HfApi, repo_id: str, private: bool | None, revision: str | None) -> str:
+    """Create the repo (and the branch `revision`) unless they exist; return the repo id as the Hub spells it."""
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return repo_id
+
+
+def _upload_model_folder(api: HfApi, folder: str | Path, repo_id: str, commit_message: str, *,
+                         commit_description: str | None = None, revision: str | None = None,
+                         create_pr: bool = False) -> CommitInfo:
+    """Upload every file of `folder` in one commit, replacing the repo's previous weight files."""
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        delete_patterns=WEIGHT_FILE_PATTERNS,
+    )
+
+
+def saved_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a `save_pretrained` folder: `model.safetensors`, or the index and its shards.
+
+    Raises a ValueError naming the folder when it holds neither.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [index, *(folder / shard for shard in shards)]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise ValueError(
+        f"{str(folder)!r} holds no safetensors weights (model.safetensors or model.safetensors.index.json); "
+        "save the model with save_pretrained."
+    )
 
 
 def read_training_output(output_dir: str | Path) -> tuple[dict, dict]:
@@ -241,36 +305,53 @@ def push_training_output(
     revision: str | None = None,
     license: str = DEFAULT_LICENSE,  # noqa: A002 - the model-card field's name
 ) -> CommitInfo:
-    """Push the model a training run saved in `output_dir`, with a card generated from the run's own records.
+    """Push the model saved in `output_dir` as it is stored, with its own card or one made from the run's records.
+
+    The weights, `config.json` and `preprocessor_config.json` are uploaded byte for byte (a checkpoint stored in
+    float16 stays float16), after the model was loaded once to check them. Nothing else of the folder
+    (checkpoints, samples, `best/`) is uploaded.
 
     Expected in `output_dir` (as `examples/pretrain.py` and `examples/finetune.py` leave it):
-        - the model, saved with `save_pretrained` (config.json + model.safetensors) by `PRGModel` or
-          `PRGForImageClassification`; the class that saved it is the class pushed;
+        - the model, saved with `save_pretrained` (config.json + model.safetensors or shards) by `PRGModel` or
+          `PRGForImageClassification`;
         - `preprocessor_config.json` (optional; a `PRGImageProcessor` for the model's image size otherwise);
+        - `README.md` (optional): a model card the checkpoint already carries (such as `prg_hub.DEFAULT_MODEL`'s);
+          it is uploaded as it is, and the run records below are then not read;
         - `args.json` (optional): the run's arguments, shown as the card's hyper-parameter table. `dataset` names
           the training data; `model_name_or_path` the checkpoint it was finetuned from (unless `from_scratch`
           is true), which becomes `base_model` when it is a Hub id;
         - `metrics.json` (optional): the run's measured numbers. The `EVALUATION_METRICS` entries (`final_top1`)
           become the model-index, on the split named by its `eval_split` entry when there is one; every other
           numeric top-level entry (`steps`, `final_fm_loss`, `best_top1`, ...) is listed as a training result.
-    A folder with neither JSON file is pushed with a card that says "not evaluated".
+    A folder with no card and neither JSON file is pushed with a card that says "not evaluated".
     """
-    model = load_prg_model(str(output_dir))
-    processor_file = Path(output_dir) / "preprocessor_config.json"
-    image_processor = PRGImageProcessor.from_pretrained(output_dir) if processor_file.is_file() else None
-    args, metrics = read_training_output(output_dir)
-    card = render_model_card(
-        model,
-        repo_id,
-        dataset=args.get("dataset"),
-        base_model=None if args.get("from_scratch") else args.get("model_name_or_path"),
-        hyperparameters=args,
-        metrics=metrics,
-        eval_split=metrics.get("eval_split"),
-        license=license,
-    )
-    return push_model_to_hub(model, repo_id, image_processor=image_processor, card=card,
-                             commit_message=commit_message, private=private, token=token, revision=revision)
+    source = Path(output_dir)
+    model = load_prg_model(str(source))
+    api = HfApi(token=token)
+    repo_id = _create_repo(api, repo_id, private, revision)
+    with tempfile.TemporaryDirectory(prefix="prg-push-") as folder:
+        staged = Path(folder)
+        for file in [source / "config.json", *saved_weight_files(source)]:
+            shutil.copyfile(file, staged / file.name)
+        if (source / "preprocessor_config.json").is_file():
+            shutil.copyfile(source / "preprocessor_config.json", staged / "preprocessor_config.json")
+        else:
+            PRGImageProcessor.for_image_size(model.config.image_size).save_pretrained(staged)
+        if (source / "README.md").is_file():
+            shutil.copyfile(source / "README.md", staged / "README.md")
+        else:
+            args, metrics = read_training_output(source)
+            render_model_card(
+                model,
+                repo_id,
+                dataset=args.get("dataset"),
+                base_model=None if args.get("from_scratch") else args.get("model_name_or_path"),
+                hyperparameters=args,
+                metrics=metrics,
+                eval_split=metrics.get("eval_split"),
+                license=license,
+            ).save(staged / "README.md")
+        return _upload_model_folder(api, staged, repo_id, commit_message or f"Upload {type(model).__name__}")
 
 
 def load_model_card(model_id_or_dir: str, **hub_kwargs) -> ModelCard | None:

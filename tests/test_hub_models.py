@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,22 @@ def test_a_push_replaces_the_weight_files_of_the_previous_one(hub_server):
     push_model_to_hub(single, repo_id)
     assert sorted(api.list_repo_files(repo_id)) == REPO_FILES  # no stale shards or index beside the new file
     assert_same_weights(PRGModel.from_pretrained(repo_id), single)
+
+
+def test_a_saved_folder_is_pushed_as_stored_and_nothing_else_of_it(hub_server, tmp_path):
+    repo_id, api, folder = "org/as-stored", HfApi(), tmp_path / "run"
+    model = tiny_model(PRGForImageClassification, seed=9)
+    model.to(torch.float16).save_pretrained(folder, max_shard_size="1MB")  # float16 shards, kept as they are
+    (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"training state, not the model")
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# A card of its own\n")
+    push_training_output(folder, repo_id)
+    stored = sorted(path.name for path in folder.iterdir() if path.is_file())
+    assert sorted(set(api.list_repo_files(repo_id)) - {".gitattributes", "preprocessor_config.json"}) == stored
+    for name in stored:  # byte for byte: float16 shards, the index, config.json and the folder's own card
+        pulled = Path(api.hf_hub_download(repo_id, name, cache_dir=tmp_path / "cache"))
+        assert pulled.read_bytes() == (folder / name).read_bytes(), name
+    assert_same_weights(PRGForImageClassification.from_pretrained(repo_id, dtype=torch.float16), model)
 
 
 def write_run(folder, model: PRGPreTrainedModel, args: dict, metrics: dict) -> None:
