@@ -14,19 +14,38 @@ split with `examples/evaluate.py`:
 | `frozen_head` | `linear_probe.py --method prg_head` on the frozen flow            | pretrain + probe             |
 | `ddae_probe`  | `linear_probe.py --method ddae` (block activations, linear layer) | pretrain + probe             |
 
-Each row records its top-1, its device minutes, the images it trained on (steps × global batch, for probes
-epochs × training images) and the exact commands. Prints the table as one JSON object and writes it to
-`--output` (default `benchmarks/results/cifar10_budget.json`).
+Each row records its top-1 (the probes': their own score on the whole evaluation split at the end of training),
+its device minutes, the images it trained on (steps × global batch, for probes epochs × training images), the
+machine it was measured on and the exact commands. `--rows` runs some of the rows only; `--flow DIR` skips
+pretraining and probes an existing flow (its pretraining time is then not counted). Rows already in `--output`
+that were not run are kept, so a table can hold rows measured on different machines. Prints the table as one
+JSON object and writes it to `--output` (default `benchmarks/results/cifar10_budget.json`).
+
+    # the frozen baselines of an existing flow on a CPU, with a 10,000-image training subset
+    python benchmarks/cifar10_budget.py --dataset DIR --work_dir runs/budget --flow runs/flow \
+        --rows frozen_head ddae_probe --max_train_samples 10000
 """
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROWS = ("prg_otcfm", "scratch", "frozen_head", "ddae_probe")
+
+
+def describe_machine() -> str:
+    """The device the example scripts run on: the GPU's name, or the CPU's core count and architecture."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
 
 
 def run(script: str, arguments: list) -> tuple[dict, float, str]:
@@ -54,28 +73,40 @@ def main() -> None:
     parser.add_argument("--finetune_batch_size", type=int, default=128)
     parser.add_argument("--num_steps", type=int, default=4, help="Euler steps from t = 0 to feature_t.")
     parser.add_argument("--probe_epochs", type=int, default=15)
+    parser.add_argument("--ddae_block", default="up_blocks.0", help="Block the DDAE probe reads (a decoder block).")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="Rows to run (default: all).")
+    parser.add_argument("--flow", help="An existing pretrained flow: skip pretraining (rows prg_otcfm, "
+                                       "frozen_head, ddae_probe then count no pretraining time).")
+    parser.add_argument("--max_train_samples", type=int, help="Train on the first N training images only.")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--output", default="benchmarks/results/cifar10_budget.json")
     parser.add_argument("--smoke", action="store_true", help="tiny network, a few steps, 256 images")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
-    limits = ["--max_train_samples", 256] if args.smoke else []
+    if args.smoke:
+        args.max_train_samples = 256
+    limits = [] if args.max_train_samples is None else ["--max_train_samples", args.max_train_samples]
     eval_limit = ["--max_eval_samples", 128] if args.smoke else []
     preset = "tiny" if args.smoke else args.preset
     if args.smoke:
         args.pretrain_steps, args.finetune_steps, args.probe_epochs, args.num_steps = 4, 4, 1, 2
         args.pretrain_batch_size = args.finetune_batch_size = 16
-    flow, rows = work / "flow", {}
+    machine, rows = describe_machine(), {}
 
-    pretrain, pretrain_seconds, pretrain_command = run("pretrain.py", [
-        "--dataset", args.dataset, "--output_dir", flow, "--path", "otcfm", "--backbone", "unet2d",
-        "--preset", preset, "--train_batch_size", args.pretrain_batch_size, "--max_train_steps", args.pretrain_steps,
-        "--use_ema", "--augmentation", "flip", "--mixed_precision", args.mixed_precision,
-        "--checkpointing_steps", max(args.pretrain_steps // 2, 1), "--sample_every_steps", args.pretrain_steps,
-        *limits,
-    ])
-    pretrain_images = args.pretrain_steps * args.pretrain_batch_size
+    if args.flow is None:
+        flow = work / "flow"
+        pretrain, pretrain_seconds, pretrain_command = run("pretrain.py", [
+            "--dataset", args.dataset, "--output_dir", flow, "--path", "otcfm", "--backbone", "unet2d",
+            "--preset", preset, "--train_batch_size", args.pretrain_batch_size,
+            "--max_train_steps", args.pretrain_steps, "--use_ema", "--augmentation", "flip",
+            "--mixed_precision", args.mixed_precision, "--checkpointing_steps", max(args.pretrain_steps // 2, 1),
+            "--sample_every_steps", args.pretrain_steps, *limits,
+        ])
+        pretrain_images = args.pretrain_steps * args.pretrain_batch_size
+        pretrain_commands = [pretrain_command]
+    else:  # an existing flow: its training is not part of this run
+        flow, pretrain, pretrain_seconds, pretrain_images, pretrain_commands = Path(args.flow), None, 0.0, 0, []
 
     finetune_common = [
         "--dataset", args.dataset, "--num_steps", args.num_steps, "--feature_t", 1.0, "--solver", "euler",
@@ -88,48 +119,45 @@ def main() -> None:
         "scratch": ["--from_scratch", "--model_name_or_path", flow, "--output_dir", work / "scratch"],
     }
     for row, arguments in finetunes.items():
+        if row not in args.rows:
+            continue
         _, seconds, command = run("finetune.py", [*arguments, *finetune_common])
-        counted = seconds + (pretrain_seconds if row == "prg_otcfm" else 0.0)
-        commands = [pretrain_command, command] if row == "prg_otcfm" else [command]
-        rows[row] = {"model": work / row, "seconds": counted, "commands": commands,
-                     "images_seen": args.finetune_steps * args.finetune_batch_size
-                     + (pretrain_images if row == "prg_otcfm" else 0)}
-    for row, method in (("frozen_head", "prg_head"), ("ddae_probe", "ddae")):
-        summary, seconds, command = run("linear_probe.py", [
-            "--method", method, "--model_name_or_path", flow, "--dataset", args.dataset,
-            "--num_steps", args.num_steps, "--num_train_epochs", args.probe_epochs, "--output_dir", work / row,
-            *limits, *eval_limit,
+        pretrained = row == "prg_otcfm"
+        summary, _, evaluate_command = run("evaluate.py", [
+            "--model_name_or_path", work / row, "--dataset", args.dataset, "--split", "test", *eval_limit,
         ])
-        train_images = json.loads((work / row / "metrics.json").read_text())["num_train"]
-        rows[row] = {"seconds": seconds + pretrain_seconds, "commands": [pretrain_command, command],
-                     "images_seen": pretrain_images + train_images * args.probe_epochs,
-                     "top1_from_probe": float(summary["top1"])}
-        if method == "prg_head":
-            rows[row]["model"] = work / row
-
+        rows[row] = {"top1": float(summary["top1"]), "top5": float(summary["top5"]), "eval_images": int(summary["n"]),
+                     "seconds": seconds + (pretrain_seconds if pretrained else 0.0),
+                     "images_seen": args.finetune_steps * args.finetune_batch_size
+                     + (pretrain_images if pretrained else 0),
+                     "commands": [*(pretrain_commands if pretrained else []), command, evaluate_command]}
+    probes = {"frozen_head": ["--method", "prg_head", "--num_steps", args.num_steps],
+              "ddae_probe": ["--method", "ddae", "--block", args.ddae_block]}
+    for row, method_arguments in probes.items():
+        if row not in args.rows:
+            continue
+        summary, seconds, command = run("linear_probe.py", [
+            *method_arguments, "--model_name_or_path", flow, "--dataset", args.dataset,
+            "--num_train_epochs", args.probe_epochs, "--output_dir", work / row, *limits, *eval_limit,
+        ])
+        probe_metrics = json.loads((work / row / "metrics.json").read_text())
+        rows[row] = {"top1": float(summary["top1"]), "eval_images": probe_metrics["num_eval"],
+                     "train_images": probe_metrics["num_train"], "seconds": seconds + pretrain_seconds,
+                     "images_seen": pretrain_images + probe_metrics["num_train"] * args.probe_epochs,
+                     "commands": [*pretrain_commands, command]}
     for row in rows.values():
-        probe_top1 = row.pop("top1_from_probe", None)
-        if "model" in row:
-            summary, _, command = run("evaluate.py", [
-                "--model_name_or_path", row.pop("model"), "--dataset", args.dataset, "--split", "test",
-                *eval_limit,
-            ])
-            row["top1"], row["top5"] = float(summary["top1"]), float(summary["top5"])
-            row["eval_images"] = int(summary["n"])
-            row["commands"].append(command)
-        else:
-            row["top1"] = probe_top1
         row["device_minutes"] = round(row.pop("seconds") / 60, 2)
+        row["measured_on"] = machine
+        row["flow"] = str(flow)
 
-    result = {
-        "dataset": args.dataset,
-        "preset": preset,
-        "pretrain_fm_loss": float(pretrain["final_fm_loss"]),
-        "rows": rows,
-        "command": "python " + " ".join(sys.argv),
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    output = Path(args.output)
+    result = json.loads(output.read_text()) if output.is_file() else {"rows": {}}
+    result["rows"].update(rows)
+    result["last_command"] = "python " + " ".join(sys.argv)
+    if pretrain is not None:
+        result["pretrain_fm_loss"] = float(pretrain["final_fm_loss"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

@@ -1,9 +1,11 @@
-"""CPU inference: latency of classifying one 32×32 image, and images/s at batch 64, through 20 Euler steps.
+"""CPU inference: latency of classifying one 32×32 image, and images/s at batch 64, through the reversed ODE.
 
     python benchmarks/cpu_inference.py [--backbone unet2d] [--preset small] [--compare benchmarks/results/cpu_inference.json]
+    python benchmarks/cpu_inference.py --model prg_hub/pretrained/prg-otcfm-cifar10-small   # the shipped model
 
-The model is `PRGForImageClassification` with the `small` preset (≤ 10M parameters), fp32, in a warm process
-(after warm-up runs). Two baselines are measured in the same run:
+The model is `PRGForImageClassification` with the `small` preset (≤ 10M parameters) and 20 Euler steps, or, with
+`--model`, a saved checkpoint with its own solver and steps; fp32, in a warm process (after warm-up runs). Two
+baselines are measured in the same run:
 * the reference implementation's approach, `torchdiffeq.odeint` with method "euler" on the same grid and the same
   weights (the logits are checked to agree), giving `speedup_*`;
 * the CPU's fp32 matrix-multiply rate (a 1024³ matmul), giving `fraction_of_peak` = achieved FLOP/s at batch 64
@@ -61,7 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="unet2d", choices=["unet2d", "dit"])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--num_steps", type=int, default=20)
+    parser.add_argument("--model", help="a saved PRGForImageClassification (folder or Hub id) instead of a preset")
+    parser.add_argument("--num_steps", type=int, help="Euler steps (default: 20, or the --model's own)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare", help="a stored result of this script to compare the speedups against")
@@ -69,16 +72,23 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = PRGConfig(
-        backbone_type=args.backbone,
-        backbone_config=backbone_preset(args.backbone, args.preset, image_size=32),
-        num_steps=args.num_steps,
-        solver="euler",
-        num_labels=10,
-    )
-    model = PRGForImageClassification(config).eval()
-    one_image = torch.rand(1, 3, 32, 32) * 2 - 1
-    batch = torch.rand(args.batch_size, 3, 32, 32) * 2 - 1
+    if args.model is not None:
+        overrides = {} if args.num_steps is None else {"num_steps": args.num_steps}
+        model = PRGForImageClassification.from_pretrained(args.model, dtype=torch.float32, **overrides).eval()
+        if model.config.solver != "euler":
+            parser.error(f"--model must use the euler solver (the baseline is torchdiffeq's), not {model.config.solver}")
+    else:
+        config = PRGConfig(
+            backbone_type=args.backbone,
+            backbone_config=backbone_preset(args.backbone, args.preset, image_size=32),
+            num_steps=20 if args.num_steps is None else args.num_steps,
+            solver="euler",
+            num_labels=10,
+        )
+        model = PRGForImageClassification(config).eval()
+    size = model.config.image_size
+    one_image = torch.rand(1, 3, size, size) * 2 - 1
+    batch = torch.rand(args.batch_size, 3, size, size) * 2 - 1
 
     with torch.inference_mode():
         torch.testing.assert_close(model(one_image).logits, reference_logits(model, one_image), rtol=1e-4, atol=1e-5)
@@ -96,10 +106,9 @@ def main() -> None:
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
-        "backbone": args.backbone,
-        "preset": args.preset,
+        **({"model": args.model} if args.model else {"backbone": args.backbone, "preset": args.preset}),
         "parameters_m": round(model.num_parameters() / 1e6, 2),
-        "num_steps": args.num_steps,
+        "num_steps": model.config.num_steps,
         "latency_ms": round(latency * 1e3, 2),
         "reference_latency_ms": round(reference_latency * 1e3, 2),
         "speedup_latency": round(reference_latency / latency, 3),

@@ -6,13 +6,19 @@
 Every process scores its shard of the split; predictions are gathered (duplicated padding samples dropped).
 top-k = fraction of images whose label is among the k highest logits (k is capped at the number of classes).
 With --output_dir, writes `eval_results_<split>.json` and, with --confusion_matrix, `confusion_matrix_<split>.png`
-(rows: true class, columns: predicted class, shade: fraction of the row).
+(rows: true class, columns: predicted class, shade: fraction of the row). The results also record the time the
+whole pass took (decoding and preprocessing included) as `img_per_s`, the machine, the dtype and the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,6 +76,13 @@ def render_confusion_matrix(matrix: torch.Tensor, label_names: list[str], cell: 
     return image
 
 
+def describe_machine(device: torch.device) -> str:
+    """What the scores and the speed were measured on, e.g. "NVIDIA H200, torch 2.11" or "2-core x86_64 CPU, ..."."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -105,6 +118,7 @@ def main(argv=None):
     k = min(5, num_labels)
     top1_correct = topk_correct = total = 0
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    start = time.perf_counter()
     with torch.no_grad():
         for batch in tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process):
             top_predictions = model(batch["pixel_values"]).logits.topk(k, dim=-1).indices  # (B, k)
@@ -116,6 +130,7 @@ def main(argv=None):
                 labels.cpu() * num_labels + top_predictions[:, 0].cpu(), minlength=num_labels**2
             ).reshape(num_labels, num_labels)
 
+    seconds = time.perf_counter() - start  # decoding, preprocessing and the model: what a user waits for
     if accelerator.is_main_process:
         results = {
             "model": args.model_name_or_path,
@@ -124,6 +139,11 @@ def main(argv=None):
             "num_examples": total,
             "top1": top1_correct / total,
             f"top{k}": topk_correct / total,
+            "seconds": seconds,
+            "img_per_s": total / seconds,
+            "dtype": str(accelerator.unwrap_model(model).dtype).removeprefix("torch."),
+            "machine": describe_machine(accelerator.device),
+            "command": shlex.join(["python", "examples/evaluate.py", *(sys.argv[1:] if argv is None else argv)]),
             "confusion_matrix": confusion.tolist(),
             "labels": model_names,
         }
@@ -132,7 +152,8 @@ def main(argv=None):
             write_json(output_dir / f"eval_results_{split_name}.json", results)
             if args.confusion_matrix:
                 render_confusion_matrix(confusion, model_names).save(output_dir / f"confusion_matrix_{split_name}.png")
-        print(f"evaluate: split={split_name} top1={results['top1']:.4f} top{k}={results[f'top{k}']:.4f} n={total}")
+        print(f"evaluate: split={split_name} top1={results['top1']:.4f} top{k}={results[f'top{k}']:.4f} n={total} "
+              f"img_per_s={results['img_per_s']:.2f}")
     accelerator.wait_for_everyone()  # every process tears the process group down together
     accelerator.end_training()
 
