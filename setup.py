@@ -30,6 +30,7 @@ setup(
     entry_points={"console_scripts": ["prg-hub=prg_hub.cli:main"]},
     extras_require={
         "train": ["accelerate>=1.0", "datasets>=3.0", "pyyaml"],
-        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pyyaml"],
+        # setuptools: the tests build a wheel (without build isolation) to check what it installs
+        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pyyaml", "setuptools>=70.1"],
     },
 )

@@ -2,7 +2,12 @@
 
 Importing the package registers PRG with transformers: `AutoConfig`, `AutoModel`,
 `AutoModelForImageClassification`, `AutoImageProcessor` and `pipeline(...)` then load PRG checkpoints.
+
+`DEFAULT_MODEL` is the folder of the checkpoint installed with the package, a CIFAR-10 classifier (see its
+README.md): `pipeline("image-classification", model=prg_hub.DEFAULT_MODEL)` works offline.
 """
+
+from pathlib import Path
 
 from transformers import (
     AutoConfig,
@@ -21,6 +26,9 @@ from .solvers import SOLVERS, integrate
 
 __version__ = "0.1.0"
 
+# A PRGForImageClassification stored in float16 (loaded in float32 unless another dtype is asked for).
+DEFAULT_MODEL = str(Path(__file__).parent / "pretrained" / "prg-otcfm-cifar10-small")
+
 AutoConfig.register(PRGConfig.model_type, PRGConfig, exist_ok=True)
 AutoModel.register(PRGConfig, PRGModel, exist_ok=True)
 AutoModelForImageClassification.register(PRGConfig, PRGForImageClassification, exist_ok=True)
@@ -29,6 +37,7 @@ register_feature_extraction_pipeline()
 
 __all__ = [
     "BACKBONES",
+    "DEFAULT_MODEL",
     "PATHS",
     "SOLVERS",
     "PRGConfig",

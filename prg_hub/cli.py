@@ -3,20 +3,21 @@
     prg-hub classify IMAGES_OR_DIRS... [--model ID_OR_DIR] [--top-k K] [--json] [--batch-size B]
     prg-hub extract IMAGES_OR_DIRS... --output FILE.safetensors|FILE.npy [--model ID_OR_DIR] [--feature-t T]
                     [--num-steps N] [--batch-size B]
-    prg-hub generate --model ID_OR_DIR --num-images N --output grid.png [--num-steps N] [--seed S]
+    prg-hub generate --num-images N --output grid.png [--model ID_OR_DIR] [--num-steps N] [--seed S]
     prg-hub push DIR org/name [--revision BRANCH] [--private] [--commit-message MSG]
-    prg-hub info ID_OR_DIR
+    prg-hub info [ID_OR_DIR]
     prg-hub serve-hub --root DIR [--host 127.0.0.1] [--port 8000]
 
-ID_OR_DIR is a Hub repo id ("org/name") or a folder saved with `save_pretrained`. Images: a file named on the
+ID_OR_DIR is a Hub repo id ("org/name") or a folder saved with `save_pretrained`; without one, the CIFAR-10
+classifier installed with the package (`prg_hub.DEFAULT_MODEL`) is used, offline. Images: a file named on the
 command line is read whatever its extension; a directory expands, recursively and in sorted order, to the files
 in it with an image extension (`IMAGE_EXTENSIONS`). A file that cannot be read is reported on stderr as
 `PATH: cannot read image (REASON)` and skipped; the others are still processed. Batches of more than one
 `--batch-size` show a progress bar on stderr. The model runs on the GPU when torch sees one.
 
 Exit status: 0 when everything succeeded; 1 when an input, the model or an upload failed (the other inputs are
-still processed); 2 when the command line is wrong (argparse errors, no --model, an unsupported output type, a
-model of the wrong kind for the command).
+still processed); 2 when the command line is wrong (argparse errors, an unsupported output type, a model of the
+wrong kind for the command).
 """
 
 from __future__ import annotations
@@ -115,16 +116,6 @@ def image_batches(
                 yield batch_paths, torch.stack(pixel_values)
 
 
-def model_argument(args: argparse.Namespace) -> str:
-    """--model, or the model shipped with prg_hub when there is one; a usage error otherwise."""
-    if args.model is not None:
-        return args.model
-    default_model = getattr(prg_hub, "DEFAULT_MODEL", None)
-    if default_model is not None and Path(default_model).exists():
-        return str(default_model)
-    args.parser.error("--model is required: pass a Hub repo id (org/name) or a folder saved with save_pretrained.")
-
-
 def load_model(args: argparse.Namespace, model_id: str, model_class: type):
     """Load `model_id` as `model_class` in eval mode (on the GPU when there is one), with its image processor.
 
@@ -152,7 +143,7 @@ def classify(args: argparse.Namespace) -> int:
     """Print the top-k labels of each image: `PATH: LABEL (SCORE), ...`, or one JSON record per line."""
     if args.top_k < 1:
         args.parser.error(f"--top-k must be >= 1, got {args.top_k}.")
-    model_id = model_argument(args)
+    model_id = args.model
     model, processor = load_model(args, model_id, PRGForImageClassification)
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
@@ -187,7 +178,7 @@ def extract(args: argparse.Namespace) -> int:
                 check(value)
             except ValueError as error:
                 args.parser.error(str(error))
-    model_id = model_argument(args)
+    model_id = args.model
     model, processor = load_model(args, model_id, PRGModel)
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
@@ -298,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler, parser=sub)
         return sub
 
-    model_help = "Hub repo id (org/name) or a folder saved with save_pretrained."
+    model_help = ("Hub repo id (org/name) or a folder saved with save_pretrained; default: the CIFAR-10 classifier "
+                  "installed with prg_hub (prg_hub.DEFAULT_MODEL).")
     sub = command("classify", classify, "Print the top-k labels of each image.")
     sub.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="Image files or directories of them.")
-    sub.add_argument("--model", help=f"A PRGForImageClassification checkpoint: {model_help}")
+    sub.add_argument("--model", default=prg_hub.DEFAULT_MODEL,
+                     help=f"A PRGForImageClassification checkpoint: {model_help}")
     sub.add_argument("--top-k", type=int, default=5, help="Labels per image (default 5, at most all labels).")
     sub.add_argument("--json", action="store_true", help='One JSON record per line: {"path", "predictions"}.')
     sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
@@ -309,13 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("extract", extract, "Write pooled PRG features of the images, shape (N, C·p²).")
     sub.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="Image files or directories of them.")
     sub.add_argument("--output", required=True, help="FILE.safetensors (with the file list) or FILE.npy.")
-    sub.add_argument("--model", help=f"Any PRG checkpoint: {model_help}")
+    sub.add_argument("--model", default=prg_hub.DEFAULT_MODEL, help=f"Any PRG checkpoint: {model_help}")
     sub.add_argument("--feature-t", type=float, help="Time in (0, 1] of x_t (1 is noise); the model's by default.")
     sub.add_argument("--num-steps", type=int, help="Solver steps from t = 0 to feature_t; the model's by default.")
     sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
 
     sub = command("generate", generate, "Sample images from noise and save them as one grid.")
-    sub.add_argument("--model", required=True, help=f"Any PRG checkpoint: {model_help}")
+    sub.add_argument("--model", default=prg_hub.DEFAULT_MODEL,
+                     help=f"Any PRG checkpoint: {model_help} That classifier's velocity network was finetuned "
+                          "for classification, so its samples are poor; pass a pretrained flow for real samples.")
     sub.add_argument("--num-images", type=int, required=True)
     sub.add_argument("--output", required=True, help="The grid image, e.g. grid.png.")
     sub.add_argument("--num-steps", type=int, help="Solver steps from noise to data; the model's by default.")
@@ -329,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--commit-message")
 
     sub = command("info", info, "Print a model's config summary, parameter count and card metrics.")
-    sub.add_argument("model", metavar="ID_OR_DIR", help=model_help)
+    sub.add_argument("model", metavar="ID_OR_DIR", nargs="?", default=prg_hub.DEFAULT_MODEL, help=model_help)
 
     sub = command("serve-hub", serve_hub, "Serve a local Hugging Face Hub (set HF_ENDPOINT to its URL).")
     sub.add_argument("--root", required=True, help="Folder holding the hub's repos (created if needed).")
