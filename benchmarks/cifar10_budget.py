@@ -28,24 +28,15 @@ JSON object and writes it to `--output` (default `benchmarks/results/cifar10_bud
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+from prg_hub.training import describe_machine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ROWS = ("prg_otcfm", "scratch", "frozen_head", "ddae_probe")
-
-
-def describe_machine() -> str:
-    """The device the example scripts run on: the GPU's name, or the CPU's core count and architecture."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
 
 
 def run(script: str, arguments: list) -> tuple[dict, float, str]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import shlex
 import sys
 import time
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, PRGImageProcessor
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.training import write_json
+from prg_hub.training import describe_machine, write_json
 
 logger = get_logger(__name__)
 
@@ -74,13 +72,6 @@ def render_confusion_matrix(matrix: torch.Tensor, label_names: list[str], cell: 
                 text_colour = "white" if shade < 128 else "black"
                 draw.text((box[0] + 3, box[1] + cell // 3), str(int(matrix[row, column])), fill=text_colour)
     return image
-
-
-def describe_machine(device: torch.device) -> str:
-    """What the scores and the speed were measured on, e.g. "NVIDIA H200, torch 2.11" or "2-core x86_64 CPU, ..."."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
 
 
 def main(argv=None):

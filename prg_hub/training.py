@@ -13,6 +13,8 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import platform
 import re
 import shutil
 from pathlib import Path
@@ -202,6 +204,17 @@ def save_model(model: nn.Module, output_dir: str | Path) -> None:
     """`save_pretrained` (safetensors) plus the `PRGImageProcessor` that `pipeline(...)` loads beside it."""
     model.save_pretrained(output_dir, safe_serialization=True)
     PRGImageProcessor.for_image_size(model.config.image_size).save_pretrained(output_dir)
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """What a run was measured on: "NVIDIA H200, torch 2.11" or "2-core x86_64 CPU, torch 2.13.0+cpu".
+
+    `device` defaults to the first GPU when torch sees one, the CPU otherwise.
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -36,11 +36,11 @@ def example_labels() -> dict[str, str]:
         return {row["file"]: row["label"] for row in csv.DictReader(rows)}
 
 
-def example_pixel_values(model_dir: str = prg_hub.DEFAULT_MODEL) -> tuple[list[str], torch.Tensor]:
-    names = sorted(example_labels())
-    processor = prg_hub.PRGImageProcessor.from_pretrained(model_dir)
-    images = [Image.open(EXAMPLE_IMAGES / name) for name in names]
-    return names, processor(images, return_tensors="pt")["pixel_values"]
+def example_pixel_values() -> torch.Tensor:
+    """The example images, in file-name order, as the shipped model's processor prepares them: (20, 3, 32, 32)."""
+    processor = prg_hub.PRGImageProcessor.from_pretrained(prg_hub.DEFAULT_MODEL)
+    images = [Image.open(EXAMPLE_IMAGES / name) for name in sorted(example_labels())]
+    return processor(images, return_tensors="pt")["pixel_values"]
 
 
 def dead_endpoint() -> str:
@@ -106,7 +106,7 @@ def test_the_shipped_weights_classify_the_example_images_and_random_weights_do_n
     # The same images through the same architecture with random weights: the bar above is out of their reach.
     torch.manual_seed(0)
     random_model = PRGForImageClassification(PRGConfig.from_pretrained(prg_hub.DEFAULT_MODEL)).eval()
-    _, pixel_values = example_pixel_values()
+    pixel_values = example_pixel_values()
     with torch.inference_mode():
         random_predictions = random_model(pixel_values).logits.argmax(-1).tolist()
     random_right = sum(CIFAR10_LABELS[index] == labels[name]
