@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, PRGImageProcessor
+from prg_hub.finiteness import NonFiniteError
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import describe_machine, write_json
 
@@ -150,4 +151,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteError as error:  # a model with NaN weights: say so, without a traceback
+        sys.exit(f"{Path(__file__).name}: {error}")

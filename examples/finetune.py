@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,8 +41,10 @@ from prg_hub.backbones import BACKBONES
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.hub import push_training_output
 from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.finiteness import NonFiniteError, check_finite_weights
 from prg_hub.training import (
     BatchRecord,
+    NonFiniteLossGuard,
     checkpoint_step,
     parse_args_with_recipe,
     resolve_checkpoint,
@@ -97,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--weight_decay", type=float, default=0.05)
     optim.add_argument("--num_warmup_epochs", type=float, default=5.0)
     optim.add_argument("--num_warmup_steps", type=int, default=None, help="Overrides --num_warmup_epochs.")
+    optim.add_argument("--skip_nonfinite_steps", type=int, default=0,
+                       help="Skip up to N optimizer steps whose loss is NaN or Inf (no update) before stopping.")
     optim.add_argument("--max_grad_norm", type=float, default=0.0, help="Gradient clipping; 0 disables it.")
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     optim.add_argument("--seed", type=int, default=0)
@@ -117,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.skip_nonfinite_steps < 0:
+        parser.error(f"--skip_nonfinite_steps must be >= 0, got {args.skip_nonfinite_steps}.")
     return args
 
 
@@ -135,7 +142,9 @@ def build_model(args, label_names: list[str]) -> PRGForImageClassification:
         "label_smoothing": args.label_smoothing,
     }
     if not args.from_scratch:
-        return PRGForImageClassification.from_pretrained(args.model_name_or_path, **classifier_config)
+        model = PRGForImageClassification.from_pretrained(args.model_name_or_path, **classifier_config)
+        check_finite_weights(model, f"The pretrained model {args.model_name_or_path!r}")
+        return model
     if args.model_name_or_path is not None:
         config = PRGConfig.from_pretrained(args.model_name_or_path, **classifier_config)
     else:
@@ -149,12 +158,22 @@ def build_model(args, label_names: list[str]) -> PRGForImageClassification:
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator) -> float:
-    """Top-1 accuracy over the whole evaluation split (every process scores its shard; duplicates are dropped)."""
+def evaluate(model, dataloader, accelerator, step: int) -> float:
+    """Top-1 accuracy over the whole evaluation split (every process scores its shard; duplicates are dropped).
+
+    Raises `NonFiniteError` naming `step` when the model's outputs are NaN or Inf (a diverged run).
+    """
     model.eval()
     correct, total = 0, 0
     for batch in dataloader:
-        predictions = model(batch["pixel_values"]).logits.argmax(dim=-1)
+        try:
+            logits = model(batch["pixel_values"]).logits
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"Step {step}: the model diverged; evaluating it failed: {error} The run stopped without saving it. "
+                "Lower --learning_rate or set --max_grad_norm, then resume from a checkpoint before this step."
+            ) from error
+        predictions = logits.argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
         correct += (predictions == labels).sum().item()
         total += labels.numel()
@@ -249,6 +268,7 @@ def main(argv=None):
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
 
     batch_record = BatchRecord()
+    nonfinite_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
     progress = tqdm(
         total=max_train_steps, initial=global_step, desc="finetune", disable=not accelerator.is_local_main_process
     )
@@ -267,9 +287,12 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 loss = model(batch["pixel_values"], labels=batch["labels"]).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                nonfinite_guard.observe(loss)
+                # On the last micro-batch of a step: update only if every loss of the step was finite.
+                if not accelerator.sync_gradients or nonfinite_guard.step_is_finite(global_step + 1):
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad()
             epoch_loss += loss.detach()
             epoch_batches += 1
@@ -282,13 +305,13 @@ def main(argv=None):
             progress.update(1)
             epoch_done = global_step % steps_per_epoch == 0 or global_step >= max_train_steps
             if global_step % args.checkpointing_steps == 0 and not epoch_done:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                save_checkpoint(accelerator, model, output_dir, global_step, args.checkpoints_total_limit,
                                 extra_json={TRAINER_STATE: trainer_state})
             if global_step >= max_train_steps:
                 break
 
         # The epoch (or the run) ended: score it, keep the best model.
-        top1 = evaluate(model, eval_dataloader, accelerator)
+        top1 = evaluate(model, eval_dataloader, accelerator, global_step)
         train_loss = accelerator.reduce(epoch_loss / max(epoch_batches, 1), reduction="mean").item()
         record = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "eval_top1": top1}
         trainer_state["history"].append(record)
@@ -300,12 +323,12 @@ def main(argv=None):
             if accelerator.is_main_process:
                 save_model(accelerator.unwrap_model(model), output_dir / "best")
         if global_step % args.checkpointing_steps == 0:  # after the evaluation, so the checkpoint holds it
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+            save_checkpoint(accelerator, model, output_dir, global_step, args.checkpoints_total_limit,
                             extra_json={TRAINER_STATE: trainer_state})
     progress.close()
     if not trainer_state["history"]:  # resumed from a finished run: score the model as it is
         trainer_state["history"].append({"epoch": None, "step": global_step, "train_loss": None,
-                                         "eval_top1": evaluate(model, eval_dataloader, accelerator)})
+                                         "eval_top1": evaluate(model, eval_dataloader, accelerator, global_step)})
         trainer_state["best_top1"] = max(trainer_state["best_top1"], trainer_state["history"][-1]["eval_top1"])
 
     accelerator.wait_for_everyone()
@@ -341,4 +364,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteError as error:  # a diverged run: say where, without a traceback
+        sys.exit(f"{Path(__file__).name}: {error}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, PRGImageProcessor
+from prg_hub.finiteness import NonFiniteError
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import save_model, write_json
 
@@ -246,4 +248,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteError as error:  # a model with NaN weights: say so, without a traceback
+        sys.exit(f"{Path(__file__).name}: {error}")

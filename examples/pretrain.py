@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -39,10 +40,14 @@ from prg_hub.backbones import BACKBONES
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.hub import push_training_output
 from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.finiteness import NonFiniteError
 from prg_hub.training import (
+    EMA_STATE_FILE,
     BatchRecord,
+    NonFiniteLossGuard,
     FlowMatchingObjective,
     checkpoint_step,
+    load_ema_state,
     parameters_sha256,
     parse_args_with_recipe,
     resolve_checkpoint,
@@ -84,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--weight_decay", type=float, default=0.0)
     optim.add_argument("--lr_scheduler", default="constant_with_warmup", help="A diffusers.optimization schedule.")
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--skip_nonfinite_steps", type=int, default=0,
+                       help="Skip up to N optimizer steps whose loss is NaN or Inf (no update) before stopping.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     optim.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
     optim.add_argument("--ema_decay", type=float, default=0.9999)
@@ -110,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "logging_steps", "num_sample_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.skip_nonfinite_steps < 0:
+        parser.error(f"--skip_nonfinite_steps must be >= 0, got {args.skip_nonfinite_steps}.")
     return args
 
 
@@ -205,7 +214,6 @@ def main(argv=None):
     lr_scheduler = accelerator.prepare(lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if args.report_to:
         accelerator.init_trackers("prg-pretrain", config={k: v for k, v in vars(args).items() if v is not None})
 
@@ -219,6 +227,8 @@ def main(argv=None):
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            load_ema_state(ema, checkpoint / EMA_STATE_FILE, accelerator.device)
         global_step = checkpoint_step(checkpoint)
         first_epoch, skip_batches = resume_position(global_step, batches_per_epoch, args.gradient_accumulation_steps)
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
@@ -232,6 +242,7 @@ def main(argv=None):
     window_losses: list[torch.Tensor] = []  # losses of the micro-batches since the last report
     window_loss, local_loss_sum, local_batches = float("nan"), torch.zeros((), device=accelerator.device), 0
     batch_record = BatchRecord()
+    nonfinite_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
     start_time = time.perf_counter()
     objective.train()
     for epoch in range(first_epoch, num_train_epochs):
@@ -246,9 +257,13 @@ def main(argv=None):
             with accelerator.accumulate(objective):
                 loss = objective(batch["pixel_values"])
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
-                optimizer.step()
+                nonfinite_guard.observe(loss)
+                # On the last micro-batch of a step: update only if every loss of the step was finite.
+                update = not accelerator.sync_gradients or nonfinite_guard.step_is_finite(global_step + 1)
+                if update:
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad()
             local_loss_sum += loss.detach()
             local_batches += 1
@@ -259,7 +274,7 @@ def main(argv=None):
 
             batch_record.end_step()
             lr_scheduler.step()
-            if ema is not None:
+            if ema is not None and update:
                 ema.step(unwrapped.parameters())
             global_step += 1
             progress.update(1)
@@ -270,7 +285,8 @@ def main(argv=None):
                 progress.set_postfix(fm_loss=f"{window_loss:.4f}")
                 accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, objective, args.output_dir, global_step, args.checkpoints_total_limit,
+                                ema=ema)
             if global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
                 save_samples(unwrapped, ema, args, global_step)
             if global_step >= max_train_steps:
@@ -319,4 +335,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NonFiniteError as error:  # a diverged run: say where, without a traceback
+        sys.exit(f"{Path(__file__).name}: {error}")

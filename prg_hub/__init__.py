@@ -21,7 +21,7 @@ from .configuration_prg import PRGConfig
 from .image_processing_prg import PRGImageProcessor
 from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
 from .paths import PATHS, get_path
-from .pipelines import PRGFeatureExtractor, register_feature_extraction_pipeline
+from .pipelines import PRGFeatureExtractor, PRGImageClassificationPipeline, register_pipelines
 from .solvers import SOLVERS, integrate
 
 __version__ = "0.1.0"
@@ -33,7 +33,7 @@ AutoConfig.register(PRGConfig.model_type, PRGConfig, exist_ok=True)
 AutoModel.register(PRGConfig, PRGModel, exist_ok=True)
 AutoModelForImageClassification.register(PRGConfig, PRGForImageClassification, exist_ok=True)
 AutoImageProcessor.register(PRGConfig, image_processor_classes={"pil": PRGImageProcessor}, exist_ok=True)
-register_feature_extraction_pipeline()
+register_pipelines()
 
 __all__ = [
     "BACKBONES",
@@ -43,6 +43,7 @@ __all__ = [
     "PRGConfig",
     "PRGFeatureExtractor",
     "PRGForImageClassification",
+    "PRGImageClassificationPipeline",
     "PRGImageProcessor",
     "PRGModel",
     "PRGPreTrainedModel",

@@ -6,7 +6,8 @@
     prg-hub generate --num-images N --output grid.png [--model ID_OR_DIR] [--num-steps N] [--seed S]
     prg-hub push DIR org/name [--revision BRANCH] [--private] [--commit-message MSG]
     prg-hub info [ID_OR_DIR]
-    prg-hub serve-hub --root DIR [--host 127.0.0.1] [--port 8000]
+    prg-hub serve-hub --root DIR [--host 127.0.0.1] [--port 8000] [--token-file FILE] [--allow-anonymous-writes]
+                      [--max-upload-bytes N] [--max-threads N]
 
 ID_OR_DIR is a Hub repo id ("org/name") or a folder saved with `save_pretrained`; without one, the CIFAR-10
 classifier installed with the package (`prg_hub.DEFAULT_MODEL`) is used, offline. Images: a file named on the
@@ -24,19 +25,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers.utils import cached_file
 
 import prg_hub
 
 from .configuration_prg import check_feature_t
+from .finiteness import NonFiniteError
 from .hub import (
     PIPELINE_TAGS,
     architecture_of,
@@ -45,7 +51,8 @@ from .hub import (
     load_prg_config,
     push_training_output,
 )
-from .hub_server import run_hub_server
+from .hub_server import DEFAULT_MAX_THREADS, DEFAULT_MAX_UPLOAD_BYTES, run_hub_server
+from .image_files import UnreadableImageError, open_image
 from .image_processing_prg import PRGImageProcessor
 from .modeling_prg import PRGForImageClassification, PRGModel
 from .solvers import check_num_steps
@@ -54,12 +61,26 @@ IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
 )
 FEATURE_FORMATS = (".safetensors", ".npy")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# What loading a checkpoint raises for a missing, unreachable or corrupt one: OSError (missing files, Hub and
+# HTTP errors), ValueError (not a PRG config, bad values, non-finite weights), SafetensorError (a truncated or
+# corrupt weight file), UnpicklingError (a pytorch_model.bin holding more than tensors).
+LOAD_ERRORS = (OSError, ValueError, SafetensorError, pickle.UnpicklingError)
 EXIT_FAILED = 1
 MAX_LABELS_SHOWN = 10
 
 
 class CommandFailed(Exception):
     """A failure that stops the command: reported as `prg-hub: MESSAGE` with exit status 1."""
+
+
+@contextmanager
+def reported_as_failure(*error_types: type[Exception]):
+    """Turn `error_types` raised inside the block into `CommandFailed` with the error's message."""
+    try:
+        yield
+    except error_types as error:
+        raise CommandFailed(str(error)) from error
 
 
 class InputErrors:
@@ -92,10 +113,9 @@ def expand_image_paths(inputs: list[str], errors: InputErrors) -> list[str]:
 
 
 def read_image(path: str, processor: PRGImageProcessor) -> torch.Tensor:
-    """Decode one image file completely and preprocess it: pixel values of shape (3, H, W) in [-1, 1]."""
-    with Image.open(path) as image:
-        image.load()
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+    """Decode one image file completely (`open_image`, which raises `UnreadableImageError` naming it) and
+    preprocess it as the pipelines do: pixel values of shape (3, H, W) in [-1, 1]."""
+    return processor(images=open_image(Path(path)), return_tensors="pt")["pixel_values"][0]
 
 
 def image_batches(
@@ -110,7 +130,8 @@ def image_batches(
                     pixel_values.append(read_image(path, processor))
                     batch_paths.append(path)
                 except Exception as error:  # any decoder or conversion failure of one file must not stop the rest
-                    errors.report(path, f"cannot read image ({error})")
+                    reason = error.reason if isinstance(error, UnreadableImageError) else error
+                    errors.report(path, f"cannot read image ({reason})")
                 progress.update()
             if pixel_values:
                 yield batch_paths, torch.stack(pixel_values)
@@ -119,7 +140,9 @@ def image_batches(
 def load_model(args: argparse.Namespace, model_id: str, model_class: type):
     """Load `model_id` as `model_class` in eval mode (on the GPU when there is one), with its image processor.
 
-    A checkpoint of the wrong kind for the command (a feature extractor asked to classify) is a usage error.
+    A checkpoint of the wrong kind for the command (a feature extractor asked to classify) is a usage error. A
+    checkpoint without `preprocessor_config.json` gets the default processor for its image size; one whose
+    `preprocessor_config.json` cannot be read is an error.
     """
     try:
         config = load_prg_config(model_id)
@@ -129,18 +152,46 @@ def load_model(args: argparse.Namespace, model_id: str, model_class: type):
                 "classification head. Use `prg-hub extract`, or pass a PRGForImageClassification checkpoint."
             )
         model = model_class.from_pretrained(model_id, config=config)
-    except (OSError, ValueError) as error:
-        raise CommandFailed(f"cannot load model {model_id!r}: {error}") from error
-    try:
-        processor = PRGImageProcessor.from_pretrained(model_id)
-    except OSError:  # a folder saved by save_pretrained alone has no preprocessor_config.json
-        processor = PRGImageProcessor.for_image_size(config.image_size)
+        has_processor = cached_file(model_id, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
+        processor = (PRGImageProcessor.from_pretrained(model_id) if has_processor
+                     else PRGImageProcessor.for_image_size(config.image_size))
+    except LOAD_ERRORS as error:
+        raise CommandFailed(f"cannot load model {model_id!r}: {_describe(error)}") from error
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 
 
+def _describe(error: Exception) -> str:
+    """An exception as one line; corrupt weight files are named as such."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, SafetensorError):
+        return f"a weight file is truncated or corrupt ({message}); download or save it again"
+    if isinstance(error, pickle.UnpicklingError):  # torch.load(weights_only=True) met more than tensors
+        return ("its pickled weights (pytorch_model.bin) hold objects other than tensors, which could run code, so "
+                "they were not loaded; use a checkpoint saved as safetensors")
+    return message
+
+
+def check_output_writable(output: Path) -> None:
+    """Fail before any work if `output` cannot be created: its folder is missing and cannot be made, or is not
+    writable, or `output` is a directory."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.is_dir():
+            raise IsADirectoryError(f"{output} is a directory")
+        existed = output.exists()
+        with open(output, "ab"):  # appends nothing: only proves the file can be written
+            pass
+        if not existed:
+            output.unlink()
+    except OSError as error:
+        raise CommandFailed(f"cannot write {str(output)!r}: {error.strerror or error}.") from error
+
+
 def classify(args: argparse.Namespace) -> int:
-    """Print the top-k labels of each image: `PATH: LABEL (SCORE), ...`, or one JSON record per line."""
+    """Print the top-k labels of each image: `PATH: LABEL (SCORE), ...`, or one JSON record per line.
+
+    A model that produces NaN or Inf logits stops the command (exit status 1) rather than print them."""
     if args.top_k < 1:
         args.parser.error(f"--top-k must be >= 1, got {args.top_k}.")
     model_id = args.model
@@ -148,7 +199,7 @@ def classify(args: argparse.Namespace) -> int:
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
     top_k = min(args.top_k, model.config.num_labels)
-    with torch.inference_mode():
+    with torch.inference_mode(), reported_as_failure(NonFiniteError):
         for batch_paths, pixel_values in image_batches(paths, processor, args.batch_size, errors):
             probabilities = model(pixel_values.to(model.device)).logits.float().softmax(dim=-1)
             scores, indices = probabilities.topk(top_k, dim=-1)
@@ -179,13 +230,14 @@ def extract(args: argparse.Namespace) -> int:
             except ValueError as error:
                 args.parser.error(str(error))
     model_id = args.model
+    check_output_writable(output)
     model, processor = load_model(args, model_id, PRGModel)
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
     feature_t = model.config.feature_t if args.feature_t is None else args.feature_t
     num_steps = model.config.num_steps if args.num_steps is None else args.num_steps
     extracted_paths, features = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), reported_as_failure(NonFiniteError):
         for batch_paths, pixel_values in image_batches(paths, processor, args.batch_size, errors):
             output_features = model(pixel_values.to(model.device), feature_t=feature_t, num_steps=num_steps)
             features.append(output_features.pooler_output.float().cpu())
@@ -193,7 +245,6 @@ def extract(args: argparse.Namespace) -> int:
     if not features:
         raise CommandFailed(f"no image could be read; {output} was not written.")
     feature_matrix = torch.cat(features).contiguous()
-    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
         metadata = {"paths": json.dumps(extracted_paths), "model": model_id, "feature_t": str(feature_t),
                     "num_steps": str(num_steps)}
@@ -218,6 +269,7 @@ def generate(args: argparse.Namespace) -> int:
             args.parser.error(str(error))
     if Path(args.output).suffix.lower() not in Image.registered_extensions():
         args.parser.error(f"--output must be an image file name such as grid.png, got {args.output!r}.")
+    check_output_writable(Path(args.output))
     model, _ = load_model(args, args.model, PRGModel)
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     images = model.generate(args.num_images, num_steps=args.num_steps, generator=generator)
@@ -233,8 +285,8 @@ def push(args: argparse.Namespace) -> int:
     try:
         commit = push_training_output(args.folder, args.repo_id, revision=args.revision, private=args.private,
                                       commit_message=args.commit_message)
-    except (OSError, ValueError) as error:
-        raise CommandFailed(f"cannot push {args.folder!r} to {args.repo_id!r}: {error}") from error
+    except LOAD_ERRORS as error:
+        raise CommandFailed(f"cannot push {args.folder!r} to {args.repo_id!r}: {_describe(error)}") from error
     print(f"pushed {args.folder} to {args.repo_id}: commit {commit.oid} ({commit.commit_url})")
     return 0
 
@@ -244,8 +296,8 @@ def info(args: argparse.Namespace) -> int:
     try:
         config = load_prg_config(args.model)
         card = load_model_card(args.model)
-    except (OSError, ValueError) as error:
-        raise CommandFailed(f"cannot load model {args.model!r}: {error}") from error
+    except LOAD_ERRORS as error:
+        raise CommandFailed(f"cannot load model {args.model!r}: {_describe(error)}") from error
     architecture = architecture_of(config)
     lines = [
         f"model: {args.model}",
@@ -273,8 +325,16 @@ def info(args: argparse.Namespace) -> int:
 
 
 def serve_hub(args: argparse.Namespace) -> int:
-    """Serve a local Hub (prg_hub.hub_server) in the foreground until interrupted."""
-    run_hub_server(args.root, args.host, args.port)
+    """Serve a local Hub (prg_hub.hub_server) in the foreground until interrupted.
+
+    A bad token file or option (ValueError, raised before serving) or a port that cannot be bound fails the command.
+    """
+    try:
+        run_hub_server(args.root, args.host, args.port, token_file=args.token_file,
+                       allow_anonymous_writes=args.allow_anonymous_writes, max_upload_bytes=args.max_upload_bytes,
+                       max_threads=args.max_threads)
+    except (ValueError, OSError) as err:
+        raise CommandFailed(f"cannot serve the hub: {err}") from None
     return 0
 
 
@@ -330,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--root", required=True, help="Folder holding the hub's repos (created if needed).")
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--token-file", help="Lines 'TOKEN NAME ROLE' (roles read, write, admin); without it every "
+                                          "write is refused.")
+    sub.add_argument("--allow-anonymous-writes", action="store_true",
+                     help="Let requests without a token write (local tests only: refused unless --host is loopback).")
+    sub.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES,
+                     help=f"Largest LFS file accepted (default {DEFAULT_MAX_UPLOAD_BYTES}).")
+    sub.add_argument("--max-threads", type=int, default=DEFAULT_MAX_THREADS,
+                     help=f"Requests served at once (default {DEFAULT_MAX_THREADS}).")
 
     return parser
 

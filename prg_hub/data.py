@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .augment import TrainAugmentation
+from .image_conversion import to_rgb
 from .image_processing_prg import PRGImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if self.augmentation is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             size = (self.processor.size["width"], self.processor.size["height"])
-            image = Image.fromarray(np.asarray(self.processor.convert_to_rgb(image)))  # (H, W, 3) uint8 -> RGB
+            image = to_rgb(image)
             if image.size != size:
                 image = image.resize(size, self.processor.resample)
             image = self.augmentation.augment_image(image, rng)

@@ -30,6 +30,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig
 
 from .configuration_prg import PRGConfig
+from .finiteness import check_finite_weights
 from .image_processing_prg import PRGImageProcessor
 from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
 
@@ -47,6 +48,8 @@ RUN_METRICS_FILE = "metrics.json"
 EVALUATION_METRICS = {"final_top1": ("accuracy", "top-1 accuracy")}
 # Run arguments that are not part of the recipe: where the run wrote and pushed, and any credential.
 NOT_RECIPE_ARGS = ("output_dir", "push_to_hub", "hub_model_id")
+# Run arguments that may hold a local path (`public_name` shortens them in cards).
+LOCAL_PATH_ARGS = ("dataset", "model_name_or_path", "cache_dir", "config", "resume_from_checkpoint")
 # Weight files: removed from the repo by each push unless the push writes them again, so that a checkpoint
 # saved in one file does not sit beside stale shards of an earlier, sharded one (and vice versa).
 WEIGHT_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -84,6 +87,14 @@ def is_hub_id(name: str) -> bool:
     An existing local path wins, as it does for `from_pretrained` and `datasets.load_dataset`.
     """
     return not Path(name).exists() and _HUB_ID.fullmatch(name) is not None
+
+
+def public_name(name: str | None) -> str | None:
+    """What a card may say of a data set or checkpoint: a Hub id as it is, a local path by its last component
+    ("/home/me/data/cifar10-jpeg" -> "cifar10-jpeg"), so that no card shows where files lie on a machine."""
+    if not isinstance(name, str) or is_hub_id(name):
+        return name
+    return Path(name).name or name
 
 
 def architecture_of(config: PRGConfig) -> type[PRGPreTrainedModel]:
@@ -155,9 +166,11 @@ def render_model_card(
     Args:
         model: a `PRGModel` or `PRGForImageClassification`; the card describes its config and parameter count.
         repo_id: the repo the card is for ("org/name"); used in the title and the usage snippets.
-        dataset: the training data: a Hub data set id (listed in the `datasets` metadata) or a local folder.
+        dataset: the training data: a Hub data set id (listed in the `datasets` metadata) or a local folder,
+            which the card names by its last component only.
         base_model: the checkpoint this model was finetuned from; a Hub id becomes the `base_model` metadata.
-        hyperparameters: the run's arguments, shown as the recipe's table.
+        hyperparameters: the run's arguments, shown as the recipe's table; local paths among them
+            (`LOCAL_PATH_ARGS`) are shown by their last component only.
         metrics: the run's measured numbers. `EVALUATION_METRICS` entries become the model-index (task = the
             pipeline tag, data set = `dataset`, split = `eval_split`); every other numeric top-level entry is
             shown as a training result. Without evaluation entries the card says "not evaluated".
@@ -172,9 +185,10 @@ def render_model_card(
     config = model.config
     pipeline_tag = PIPELINE_TAGS[architecture]
     metrics = dict(metrics or {})
-    eval_results = eval_results_from_metrics(metrics, pipeline_tag, dataset, eval_split)
     dataset_on_hub = dataset is not None and is_hub_id(dataset)
     base_model_on_hub = base_model is not None and is_hub_id(base_model)
+    dataset, base_model = public_name(dataset), public_name(base_model)
+    eval_results = eval_results_from_metrics(metrics, pipeline_tag, dataset, eval_split)
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         pipeline_tag=pipeline_tag,
@@ -200,7 +214,8 @@ def render_model_card(
         dataset_on_hub=dataset_on_hub,
         base_model=base_model,
         base_model_on_hub=base_model_on_hub,
-        hyperparameters={key: value for key, value in (hyperparameters or {}).items()
+        hyperparameters={key: public_name(value) if key in LOCAL_PATH_ARGS else value
+                         for key, value in (hyperparameters or {}).items()
                          if value is not None and key not in NOT_RECIPE_ARGS and "token" not in key},
         training_results={key: value for key, value in metrics.items()
                           if key not in EVALUATION_METRICS and _is_number(value)},
@@ -231,6 +246,7 @@ def push_model_to_hub(
     `tags` are added to the card's tags. The other arguments are those of `PreTrainedModel.push_to_hub`.
     Returns the `CommitInfo` (its `oid` is the commit to pin with `revision=`).
     """
+    check_finite_weights(model, f"The model to push to {repo_id!r}")  # before the repo is created
     api = HfApi(token=token)
     repo_id = _create_repo(api, repo_id, private, revision)
     image_processor = image_processor or PRGImageProcessor.for_image_size(model.config.image_size)
@@ -327,6 +343,7 @@ def push_training_output(
     """
     source = Path(output_dir)
     model = load_prg_model(str(source))
+    check_finite_weights(model, f"The model saved in {str(source)!r}")  # before the repo is created
     api = HfApi(token=token)
     repo_id = _create_repo(api, repo_id, private, revision)
     with tempfile.TemporaryDirectory(prefix="prg-push-") as folder:

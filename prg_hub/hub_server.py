@@ -5,115 +5,84 @@ space repos, so ``HfApi``, ``snapshot_download``, ``PreTrainedModel.push_to_hub`
 ``datasets.load_dataset`` work against it unchanged once ``HF_ENDPOINT`` points at it and
 ``HF_HUB_DISABLE_XET=1`` is set (Xet storage exists only on the real Hub).
 
-Storage layout under ``root``::
+This module is the HTTP side. Storage, atomic commits and the cross-process repo lock are in
+:mod:`prg_hub.hub_storage`, the commit format in :mod:`prg_hub.hub_commits`, tokens and roles in
+:mod:`prg_hub.hub_auth`.
 
-    blobs/<sha256[:2]>/<sha256>       file contents, content-addressed and shared by all repos
-    repos/<type>s/<org>--<name>/      one folder per repo (``<name>`` alone for repos without a namespace)
-        repo.json                     id, type, creation date, visibility
-        refs.json                     branch name -> commit id
-        commits/<commit id>.json      id, parents, title, message, date, authors and the full tree:
-                                      path -> {sha256, size, oid (git blob id), lfs}
-    tmp/                              uploads in progress; files here are never referenced
+Authentication. ``Authorization: Bearer TOKEN`` is looked up in the token file given at start; a token that is
+not in it gets 401 on every request. A request without a token is anonymous and may read public repos. Writes
+need the ``write`` role, deleting a repo ``admin``. Private repos answer 404 ``RepoNotFound``, as on the Hub,
+to clients without the ``read`` role. Without a token file the server knows no token: the header is ignored,
+every request is anonymous and every write is refused (403), unless anonymous writes are allowed, which only a
+server bound to a loopback address accepts. A server bound elsewhere without a token file logs a warning.
 
-A commit writes its blobs first, then its commit object, then replaces ``refs.json`` (temporary file plus
-``os.replace``). A request that fails or is cut off part-way therefore leaves every branch where it was; at
-worst it leaves unreferenced blobs behind. Identical content is stored once, whatever the repo or path. Blobs
-are never garbage-collected, not even when a repo is deleted.
-
-File paths are only keys of a commit's tree and never reach the file system, and every path that arrives
-over HTTP is checked anyway: ``..`` or ``.`` segments, absolute paths, backslashes and NUL bytes are refused
-with 400. Commits to one repo are serialised by a per-repo lock; reads take no lock.
+Limits, answered with 413: a request body over ``max_request_bytes``; an LFS upload over ``max_upload_bytes``
+or over the size it announced; a regular (inline) file over ``REGULAR_MAX_SIZE``. Malformed requests get 400,
+never 500. At most ``max_threads`` requests are served at once; further connections wait in the listen
+backlog, and a client that stalls mid-request is dropped after ``HubRequestHandler.timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
-import shutil
+import socket
 import threading
-import uuid
-from collections import defaultdict
-from datetime import datetime, timezone
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import BinaryIO
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from .hub_auth import ANONYMOUS, ANONYMOUS_WRITER, Identity, TokenTable, UploadSigner
+from .hub_commits import parse_commit
+from .hub_storage import (
+    API_ACTIONS,
+    DEFAULT_BRANCH,
+    LFS_SUFFIXES,
+    LOCAL_USER,
+    REGULAR_MAX_SIZE,
+    SHA256_RE,
+    HubError,
+    HubStorage,
+    check_path,
+    check_repo_id,
+    entry_not_found,
+    lfs_pointer,
+    repo_not_found,
+)
 
 logger = logging.getLogger(__name__)
 
-REPO_TYPES = ("model", "dataset", "space")
 API_PREFIXES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 WEB_PREFIXES = {"datasets": "dataset", "spaces": "space"}
-LOCAL_USER = "local"
-DEFAULT_BRANCH = "main"
 
-# Upload rule given by the preupload endpoint: "lfs" for these suffixes, for files over REGULAR_MAX_SIZE and
-# for binary files (a NUL byte in the first 512 bytes); "regular" (inline base64 in the commit) otherwise.
-LFS_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".tflite", ".pb", ".ot",
-    ".npy", ".npz", ".pkl", ".pickle", ".joblib", ".model", ".parquet", ".arrow",
-    ".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z",
-)
-REGULAR_MAX_SIZE = 10 * 1024 * 1024
-GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+DEFAULT_MAX_REQUEST_BYTES = 128 * 1024 * 1024  # API and commit bodies: many inline files of up to 10 MB each
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 ** 3  # one LFS object
+DEFAULT_MAX_THREADS = 32
+LINGER_BYTES = 64 * 1024 * 1024  # what is read and dropped of a body left unread, before closing
+LINGER_S = 5.0
+# The message huggingface_hub recognises as a bad token (other 401s on repo URLs become RepositoryNotFoundError).
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
-# Path words that follow a repo id in /api URLs; they cannot be repo names.
-API_ACTIONS = frozenset(
-    {"revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch", "lfs-objects",
-     "lfs-verify", "resolve"}
-)
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_BRANCH_RE = re.compile(r"[A-Za-z0-9._/-]{1,200}")
-_SHA1_RE = re.compile(r"[0-9a-f]{40}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
+_MISSING = object()
 
 
-class HubError(Exception):
-    """An error answered to the client: HTTP status, message, and the ``X-Error-Code`` the client maps."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-def _repo_not_found(repo_id: str) -> HubError:
-    return HubError(404, f"Repository not found: {repo_id}", "RepoNotFound")
-
-
-def _revision_not_found(revision: str) -> HubError:
-    return HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-
-def _entry_not_found(path: str, commit: str) -> HubError:
-    return HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit})
-
-
-def check_repo_id(repo_id: str) -> str:
-    """Return ``repo_id`` if it is ``name`` or ``org/name`` with safe characters, else raise a 400."""
-    parts = repo_id.split("/")
-    if not (
-        1 <= len(parts) <= 2
-        and all(_NAME_RE.fullmatch(part) and "--" not in part and ".." not in part for part in parts)
-        and parts[-1] not in API_ACTIONS
-        and not parts[-1].endswith(".git")
-    ):
-        raise HubError(400, f"Invalid repo id: {repo_id!r}")
-    return repo_id
-
-
-def check_path(path: str) -> str:
-    """Return ``path`` if it is a safe relative path inside a repo, else raise a 400."""
-    if not path or "\x00" in path or "\\" in path or path.startswith("/") or any(
-        part in ("", ".", "..") for part in path.split("/")
-    ):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
-    return path
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def upload_mode(path: str, size: int, sample: bytes) -> str:
@@ -122,257 +91,29 @@ def upload_mode(path: str, size: int, sample: bytes) -> str:
     return "lfs" if path.lower().endswith(LFS_SUFFIXES) or size > REGULAR_MAX_SIZE or is_binary else "regular"
 
 
-def _git_blob_id(data: bytes) -> str:
-    """The git object id of a blob with this content (what ``git hash-object`` prints)."""
-    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+def _field(obj: dict, key: str, kind: type, default=_MISSING):
+    """``obj[key]`` if it has type ``kind``; ``default`` if it is absent or null and a default is given; else 400."""
+    value = obj.get(key)
+    if value is None and default is not _MISSING:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HubError(400, f"Field {key!r} must be of type {kind.__name__}")
+    return value
 
 
-def _lfs_pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` so that readers see either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class Operation(NamedTuple):
-    """One operation of a commit. ``kind`` is ``file``, ``lfsFile``, ``deletedFile`` or ``deletedFolder``."""
-
-    kind: str
-    path: str
-    content: bytes | None = None
-    oid: str | None = None
-    size: int | None = None
-
-
-class HubStorage:
-    """Repos, commits, branches and content-addressed blobs on disk (layout in the module docstring)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        for sub in ("blobs", "repos", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._locks: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
-        self._locks_guard = threading.Lock()
-
-    # -- blobs ------------------------------------------------------------------------------------------
-
-    def blob_path(self, sha256: str) -> Path:
-        """Where the blob with this sha256 lives (it may not exist)."""
-        return self.root / "blobs" / sha256[:2] / sha256
-
-    def blob_size(self, sha256: str) -> int | None:
-        """Size of a stored blob, or None if no such blob is stored."""
-        try:
-            return self.blob_path(sha256).stat().st_size if _SHA256_RE.fullmatch(sha256) else None
-        except FileNotFoundError:
-            return None
-
-    def put_blob(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
-        """Store a blob from byte chunks and return ``(sha256, size)``; a blob already stored is kept as is.
-
-        With ``expected_sha256``, content that hashes differently is discarded and refused with a 400.
-        """
-        digest, size = hashlib.sha256(), 0
-        tmp = self.root / "tmp" / uuid.uuid4().hex
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            sha256 = digest.hexdigest()
-            if expected_sha256 is not None and sha256 != expected_sha256:
-                raise HubError(400, f"Content sha256 {sha256} does not match the announced oid {expected_sha256}")
-            target = self.blob_path(sha256)
-            if not target.exists():
-                target.parent.mkdir(exist_ok=True)
-                os.replace(tmp, target)
-            return sha256, size
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    # -- repos ------------------------------------------------------------------------------------------
-
-    def _repo_dir(self, repo_type: str, repo_id: str) -> Path:
-        if repo_type not in REPO_TYPES:
-            raise HubError(400, f"Invalid repo type: {repo_type!r}")
-        return self.root / "repos" / f"{repo_type}s" / check_repo_id(repo_id).replace("/", "--")
-
-    def _existing_repo_dir(self, repo_type: str, repo_id: str) -> Path:
-        repo_dir = self._repo_dir(repo_type, repo_id)
-        if not (repo_dir / "refs.json").is_file():
-            raise _repo_not_found(repo_id)
-        return repo_dir
-
-    def _lock(self, repo_dir: Path) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks[repo_dir]
-
-    def create_repo(self, repo_type: str, repo_id: str, private: bool = False) -> bool:
-        """Create a repo whose first commit holds a ``.gitattributes``; return False if it already exists."""
-        repo_dir = self._repo_dir(repo_type, repo_id)
-        with self._lock(repo_dir):
-            if repo_dir.exists():
-                return False
-            content = GITATTRIBUTES.encode()
-            sha256, size = self.put_blob([content])
-            tree = {".gitattributes": {"sha256": sha256, "size": size, "oid": _git_blob_id(content), "lfs": False}}
-            staging = self.root / "tmp" / uuid.uuid4().hex
-            (staging / "commits").mkdir(parents=True)
-            commit = self._new_commit([], tree, "initial commit", "")
-            _write_json_atomic(staging / "commits" / f"{commit['id']}.json", commit)
-            _write_json_atomic(staging / "repo.json", {"id": repo_id, "type": repo_type, "private": private,
-                                                        "createdAt": commit["date"]})
-            _write_json_atomic(staging / "refs.json", {DEFAULT_BRANCH: commit["id"]})
-            repo_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, repo_dir)
-            return True
-
-    def delete_repo(self, repo_type: str, repo_id: str) -> None:
-        """Delete a repo's refs and commits (its blobs stay, they may be shared)."""
-        repo_dir = self._repo_dir(repo_type, repo_id)
-        trash = self.root / "tmp" / uuid.uuid4().hex
-        with self._lock(repo_dir):
-            self._existing_repo_dir(repo_type, repo_id)
-            os.replace(repo_dir, trash)
-        shutil.rmtree(trash)
-
-    def repo_meta(self, repo_type: str, repo_id: str) -> dict:
-        """The ``repo.json`` of an existing repo."""
-        return json.loads((self._existing_repo_dir(repo_type, repo_id) / "repo.json").read_text())
-
-    # -- refs and commits -------------------------------------------------------------------------------
-
-    def refs(self, repo_type: str, repo_id: str) -> dict[str, str]:
-        """Branch name -> commit id."""
-        return json.loads((self._existing_repo_dir(repo_type, repo_id) / "refs.json").read_text())
-
-    def resolve(self, repo_type: str, repo_id: str, revision: str) -> str:
-        """The commit id a branch name or a full commit id points to."""
-        refs = self.refs(repo_type, repo_id)
-        if revision in refs:
-            return refs[revision]
-        if _SHA1_RE.fullmatch(revision) and self._commit_file(repo_type, repo_id, revision).is_file():
-            return revision
-        raise _revision_not_found(revision)
-
-    def _commit_file(self, repo_type: str, repo_id: str, commit_id: str) -> Path:
-        return self._repo_dir(repo_type, repo_id) / "commits" / f"{commit_id}.json"
-
-    def read_commit(self, repo_type: str, repo_id: str, revision: str) -> dict:
-        """The commit object a revision resolves to."""
-        commit_id = self.resolve(repo_type, repo_id, revision)
-        return json.loads(self._commit_file(repo_type, repo_id, commit_id).read_text())
-
-    def history(self, repo_type: str, repo_id: str, revision: str) -> list[dict]:
-        """Commits reachable from a revision, newest first."""
-        commits = [self.read_commit(repo_type, repo_id, revision)]
-        while commits[-1]["parents"]:
-            commits.append(self.read_commit(repo_type, repo_id, commits[-1]["parents"][0]))
-        return commits
-
-    def create_branch(self, repo_type: str, repo_id: str, branch: str, starting_point: str | None = None) -> None:
-        """Create ``branch`` at ``starting_point`` (default: the default branch); 409 if it exists."""
-        if not _BRANCH_RE.fullmatch(branch) or _SHA1_RE.fullmatch(branch) or ".." in branch or "//" in branch \
-                or branch.startswith(("/", "refs/")) or branch.endswith(("/", ".lock")):
-            raise HubError(400, f"Invalid branch name: {branch!r}")
-        repo_dir = self._existing_repo_dir(repo_type, repo_id)
-        with self._lock(repo_dir):
-            refs = self.refs(repo_type, repo_id)
-            if branch in refs:
-                raise HubError(409, f"Branch {branch} already exists")
-            refs[branch] = self.resolve(repo_type, repo_id, starting_point or DEFAULT_BRANCH)
-            _write_json_atomic(repo_dir / "refs.json", refs)
-
-    def delete_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
-        """Delete a branch other than the default one."""
-        repo_dir = self._existing_repo_dir(repo_type, repo_id)
-        with self._lock(repo_dir):
-            refs = self.refs(repo_type, repo_id)
-            if branch not in refs:
-                raise _revision_not_found(branch)
-            if branch == DEFAULT_BRANCH:
-                raise HubError(403, "The default branch cannot be deleted")
-            del refs[branch]
-            _write_json_atomic(repo_dir / "refs.json", refs)
-
-    @staticmethod
-    def _new_commit(parents: list[str], tree: dict, title: str, message: str) -> dict:
-        commit = {"parents": parents, "tree": tree, "title": title, "message": message, "date": _now(),
-                  "authors": [LOCAL_USER]}
-        commit["id"] = hashlib.sha1(json.dumps(commit, sort_keys=True).encode()).hexdigest()
-        return commit
-
-    def commit(
-        self,
-        repo_type: str,
-        repo_id: str,
-        branch: str,
-        operations: list[Operation],
-        title: str,
-        message: str = "",
-        parent_commit: str | None = None,
-    ) -> str:
-        """Apply ``operations`` on top of ``branch`` as one new commit and return its id.
-
-        Raises 412 if ``parent_commit`` is given and is not the branch head, 400 for an LFS object that was
-        never uploaded, 404 ``EntryNotFound`` for deleting a path that does not exist.
-        """
-        repo_dir = self._existing_repo_dir(repo_type, repo_id)
-        with self._lock(repo_dir):
-            refs = self.refs(repo_type, repo_id)
-            if branch not in refs:
-                self.resolve(repo_type, repo_id, branch)  # 404 RevisionNotFound unless it is a commit id
-                raise HubError(400, "Commits can only be made on a branch")
-            head = refs[branch]
-            if parent_commit is not None and parent_commit != head:
-                raise HubError(412, f"Parent commit {parent_commit} is not the head of {branch} ({head})")
-            tree = dict(self.read_commit(repo_type, repo_id, head)["tree"])
-            for op in operations:
-                path = check_path(op.path)
-                if op.kind == "file":
-                    sha256, size = self.put_blob([op.content])
-                    tree[path] = {"sha256": sha256, "size": size, "oid": _git_blob_id(op.content), "lfs": False}
-                elif op.kind == "lfsFile":
-                    size = self.blob_size(op.oid)
-                    if size is None or (op.size is not None and op.size != size):
-                        raise HubError(400, f"LFS object {op.oid} ({path}) was not uploaded")
-                    oid = _git_blob_id(_lfs_pointer(op.oid, size))
-                    tree[path] = {"sha256": op.oid, "size": size, "oid": oid, "lfs": True}
-                elif op.kind == "deletedFile":
-                    if tree.pop(path, None) is None:
-                        raise _entry_not_found(path, head)
-                else:
-                    inside = [p for p in tree if p.startswith(path + "/")]
-                    if not inside:
-                        raise _entry_not_found(path, head)
-                    for p in inside:
-                        del tree[p]
-            commit = self._new_commit([head], tree, title, message)
-            _write_json_atomic(repo_dir / "commits" / f"{commit['id']}.json", commit)
-            refs[branch] = commit["id"]
-            _write_json_atomic(repo_dir / "refs.json", refs)
-            return commit["id"]
+def _objects(obj: dict, key: str) -> list[dict]:
+    """``obj[key]`` if it is a list of JSON objects, else 400."""
+    items = _field(obj, key, list)
+    if not all(isinstance(item, dict) for item in items):
+        raise HubError(400, f"Field {key!r} must be a list of objects")
+    return items
 
 
 def file_info(path: str, entry: dict) -> dict:
     """The JSON the tree and paths-info endpoints give for a file."""
     info = {"type": "file", "oid": entry["oid"], "size": entry["size"], "path": path}
     if entry["lfs"]:
-        pointer_size = len(_lfs_pointer(entry["sha256"], entry["size"]))
+        pointer_size = len(lfs_pointer(entry["sha256"], entry["size"]))
         info["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size}
     return info
 
@@ -399,8 +140,67 @@ def list_tree(tree: dict, folder: str, recursive: bool) -> list[dict]:
     return [folder_info(p, tree) for p in sorted(folders)] + [file_info(p, tree[p]) for p in files]
 
 
+class RequestBody:
+    """A request body (``Content-Length`` or chunked), read lazily in chunks, of at most ``limit`` bytes.
+
+    Iterating yields the chunks, once. Going over ``limit`` raises a 413: before reading anything when
+    ``Content-Length`` or a chunk's size says so. A body that ends early or is badly chunked raises a 400.
+    """
+
+    def __init__(self, rfile: BinaryIO, headers, limit: int):
+        self._rfile, self.limit, self.received = rfile, limit, 0
+        self._chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        length = "0" if self._chunked else headers.get("Content-Length") or "0"
+        self._length = int(length) if length.isdigit() else None
+        self.complete = not self._chunked and self._length == 0  # whether the body has been read to its end
+        self._chunks = self._read()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def read(self) -> bytes:
+        """The whole body."""
+        return b"".join(self._chunks)
+
+    def _count(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise HubError(413, f"The request body is over the limit of {self.limit} bytes")
+
+    def _read(self) -> Iterator[bytes]:
+        if self._length is None:
+            raise HubError(400, "Invalid Content-Length")
+        if self._chunked:
+            while size := self._chunk_size():
+                self._count(size)
+                yield from self._read_exactly(size)
+                if not self._rfile.readline(1024).endswith(b"\n"):
+                    raise HubError(400, "Request body ended early or is not properly chunked")
+            while self._rfile.readline(1024).strip():  # trailer fields
+                pass
+        else:
+            self._count(self._length)
+            yield from self._read_exactly(self._length)
+        self.complete = True
+
+    def _read_exactly(self, size: int) -> Iterator[bytes]:
+        while size:
+            chunk = self._rfile.read(min(size, _CHUNK))
+            if not chunk:
+                raise HubError(400, "Request body ended early")
+            size -= len(chunk)
+            yield chunk
+
+    def _chunk_size(self) -> int:
+        line = self._rfile.readline(1024)
+        try:
+            return int(line.split(b";")[0], 16)
+        except ValueError:
+            raise HubError(400, "Request body ended early or is not properly chunked") from None
+
+
 class HubRequestHandler(BaseHTTPRequestHandler):
-    """Routes Hub API, LFS and download requests to the server's :class:`HubStorage`."""
+    """Authenticates requests and routes Hub API, LFS and download requests to the server's storage."""
 
     server_version = "prg-hub"
     timeout = 120  # seconds a client may stall mid-request
@@ -414,64 +214,72 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.address_string(), format % args)
 
     @property
+    def hub(self) -> HubServer:
+        return self.server.hub
+
+    @property
     def storage(self) -> HubStorage:
-        return self.server.storage
+        return self.server.hub.storage
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Parse the URL, route it, and answer errors as JSON with ``X-Error-Code``."""
+        """Answer one request; then close the connection gracefully if its body was left unread."""
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self._body = self._iter_body()
-        parts = url.path.split("/")[1:]
+        limit = self.hub.max_upload_bytes if self.command == "PUT" else self.hub.max_request_bytes
+        self._body = RequestBody(self.rfile, self.headers, limit)
         try:
+            self._answer(url.path.split("/")[1:])
+        except (ConnectionError, TimeoutError):  # the client went away or stalled: nobody to answer
+            self.close_connection = True
+        finally:
+            if not self._body.complete:
+                self._linger()
+
+    def _answer(self, parts: list[str]) -> None:
+        """Authenticate and route the request; answer errors as JSON with ``X-Error-Code`` and ``X-Error-Message``.
+
+        A client that went away or stalled gets no answer: its ``ConnectionError`` or ``TimeoutError`` goes up.
+        """
+        try:
+            self.identity = self._authenticate()
             if parts[0] == "api":
                 self._route_api(parts[1:])
             else:
                 self._route_web(parts)
+        except (ConnectionError, TimeoutError):
+            raise
         except HubError as err:
-            self._send_json({"error": err.message}, err.status, {**err.headers, "X-Error-Code": err.code})
+            self._send_error(err.status, err.message, {**err.headers, "X-Error-Code": err.code})
         except (ValueError, KeyError, TypeError, IndexError) as err:
-            self._send_json({"error": f"Bad request: {err}"}, 400)
+            self._send_error(400, f"Bad request: {err}")
         except Exception:
             logger.exception("Failed to serve %s %s", self.command, self.path)
-            self._send_json({"error": "Internal server error"}, 500)
-        finally:
-            try:  # read what is left of the body, so that closing the socket does not reset the connection
-                for _ in self._body:
-                    pass
-            except (HubError, OSError, ValueError):
-                pass
+            self._send_error(500, "Internal server error")
 
-    def _iter_body(self) -> Iterator[bytes]:
-        """The request body in chunks, for ``Content-Length`` and chunked bodies; 400 if it ends early."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            while size := self._chunk_size():
-                chunk = self.rfile.read(size)
-                if len(chunk) != size or not self.rfile.readline(1024).endswith(b"\n"):
-                    raise HubError(400, "Request body ended early")
-                yield chunk
-            while self.rfile.readline(1024).strip():  # trailer fields
-                pass
-            return
-        remaining = int(self.headers.get("Content-Length") or 0)
-        while remaining:
-            chunk = self.rfile.read(min(remaining, _CHUNK))
-            if not chunk:
-                raise HubError(400, "Request body ended early")
-            remaining -= len(chunk)
-            yield chunk
+    def _linger(self) -> None:
+        """Close a connection whose request body was not read to its end, without resetting it.
 
-    def _chunk_size(self) -> int:
-        line = self.rfile.readline(1024)
+        The answer is followed by a FIN; then what the client still sends is read and dropped (at most
+        ``LINGER_BYTES``, for at most ``LINGER_S``), so that the client reads the answer instead of a reset.
+        """
+        self.close_connection = True
         try:
-            return int(line.split(b";")[0], 16)
-        except ValueError:
-            raise HubError(400, "Request body ended early or is not properly chunked") from None
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not (data := self.connection.recv(_CHUNK)):
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
 
-    def _json_body(self):
-        return json.loads(b"".join(self._body) or b"{}")
+    def _send_error(self, status: int, message: str, headers: dict | None = None) -> None:
+        # X-Error-Message is read by huggingface_hub; header values must be one line of Latin-1.
+        header_message = message.encode("ascii", "backslashreplace").decode().replace("\r", " ").replace("\n", " ")
+        self._send_json({"error": message}, status, {**(headers or {}), "X-Error-Message": header_message})
 
     def _send_json(self, obj, status: int = 200, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
@@ -486,6 +294,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _json_object(self) -> dict:
+        """The request body as a JSON object (an empty body is ``{}``); 400 for anything else."""
+        body = json.loads(self._body.read() or b"{}")
+        if not isinstance(body, dict):
+            raise HubError(400, "The request body must be a JSON object")
+        return body
+
     def _base_url(self) -> str:
         host = self.headers.get("Host") or "%s:%s" % self.server.server_address[:2]
         return f"http://{host}"
@@ -497,6 +312,51 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _expect(self, method: str) -> None:
         if self.command != method:
             raise HubError(405, f"{self.command} is not allowed here")
+
+    # -- authentication and access ----------------------------------------------------------------------
+
+    def _authenticate(self) -> Identity:
+        """Who sent the request: a token's identity, or anonymous; 401 for a token the server does not know."""
+        header = self.headers.get("Authorization")
+        if self.hub.tokens is None or header is None:
+            return ANONYMOUS_WRITER if self.hub.allow_anonymous_writes else ANONYMOUS
+        scheme, _, token = header.strip().partition(" ")
+        identity = self.hub.tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+        if identity is None:
+            raise HubError(401, INVALID_CREDENTIALS)
+        return identity
+
+    def _require(self, role: str) -> None:
+        """Refuse the request unless its identity holds ``role``: 401 for anonymous clients, 403 for tokens."""
+        if self.identity.can(role):
+            return
+        if self.identity.name is not None:
+            raise HubError(403, f"The token of {self.identity.name} has the {self.identity.role} role; "
+                                f"this needs the {role} role")
+        if self.hub.tokens is None:
+            raise HubError(403, f"This needs a token with the {role} role, and this server knows no tokens: start it "
+                                "with --token-file FILE (or, on a loopback address, --allow-anonymous-writes)")
+        raise HubError(401, f"Authentication required: this needs a token with the {role} role "
+                            "(Authorization: Bearer TOKEN)")
+
+    def _authorize(self, repo_type: str, repo_id: str, role: str) -> dict:
+        """The metadata of a repo the request may access with ``role``.
+
+        A missing repo, or a private one without the ``read`` role, is 404 ``RepoNotFound``. Anyone may read a
+        public repo; other roles are left to :meth:`_require`.
+        """
+        meta = self.storage.repo_meta(repo_type, repo_id)
+        if meta["private"] and not self.identity.can("read"):
+            raise repo_not_found(repo_id)
+        if role != "read":
+            self._require(role)
+        return meta
+
+    def _namespaced(self, body: dict) -> tuple[str, str]:
+        """The repo type and id named by a create or delete body; a bare name is in the caller's namespace."""
+        name = _field(body, "name", str)
+        namespace = _field(body, "organization", str, None) or self.identity.name or LOCAL_USER
+        return _field(body, "type", str, "model"), check_repo_id(f"{namespace}/{name}")
 
     # -- routing ----------------------------------------------------------------------------------------
 
@@ -510,6 +370,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._delete_repo()
         if parts == ["validate-yaml"]:
             self._expect("POST")
+            self._json_object()
             return self._send_json({"errors": [], "warnings": []})
         if not parts or parts[0] not in API_PREFIXES:
             raise HubError(404, "Unknown endpoint")
@@ -520,23 +381,25 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         repo_id = check_repo_id("/".join(rest[:n]))
         action, args = (rest[n], rest[n + 1:]) if len(rest) > n else (None, [])
         revision = unquote("/".join(args[:1])) or DEFAULT_BRANCH
-        handlers = {
-            None: ("GET", lambda: self._repo_info(repo_type, repo_id, DEFAULT_BRANCH)),
-            "revision": ("GET", lambda: self._repo_info(repo_type, repo_id, unquote("/".join(args)))),
-            "tree": ("GET", lambda: self._tree(repo_type, repo_id, revision, unquote("/".join(args[1:])))),
-            "paths-info": ("POST", lambda: self._paths_info(repo_type, repo_id, revision)),
-            "preupload": ("POST", lambda: self._preupload(repo_type, repo_id, revision)),
-            "commit": ("POST", lambda: self._commit(repo_type, repo_id, revision)),
-            "commits": ("GET", lambda: self._commits(repo_type, repo_id, revision)),
-            "refs": ("GET", lambda: self._refs(repo_type, repo_id)),
-            "branch": (self.command, lambda: self._branch(repo_type, repo_id, unquote("/".join(args)))),
-            "lfs-objects": ("PUT", lambda: self._lfs_upload(repo_type, repo_id, args[0])),
-            "lfs-verify": ("POST", lambda: self._lfs_verify(repo_type, repo_id)),
+        handlers = {  # action: (method, role, handler); LFS uploads carry their own authorisation
+            None: ("GET", "read", lambda: self._repo_info(repo_type, repo_id, DEFAULT_BRANCH)),
+            "revision": ("GET", "read", lambda: self._repo_info(repo_type, repo_id, unquote("/".join(args)))),
+            "tree": ("GET", "read", lambda: self._tree(repo_type, repo_id, revision, unquote("/".join(args[1:])))),
+            "paths-info": ("POST", "read", lambda: self._paths_info(repo_type, repo_id, revision)),
+            "commits": ("GET", "read", lambda: self._commits(repo_type, repo_id, revision)),
+            "refs": ("GET", "read", lambda: self._refs(repo_type, repo_id)),
+            "preupload": ("POST", "write", lambda: self._preupload(repo_type, repo_id, revision)),
+            "commit": ("POST", "write", lambda: self._commit(repo_type, repo_id, revision)),
+            "branch": (self.command, "write", lambda: self._branch(repo_type, repo_id, unquote("/".join(args)))),
+            "lfs-verify": ("POST", "write", lambda: self._lfs_verify(repo_type, repo_id)),
+            "lfs-objects": ("PUT", None, lambda: self._lfs_upload(repo_type, repo_id, args[0])),
         }
         if action not in handlers:
             raise HubError(404, "Unknown endpoint")
-        method, handler = handlers[action]
+        method, role, handler = handlers[action]
         self._expect(method)
+        if role is not None:
+            self._authorize(repo_type, repo_id, role)
         handler()
 
     def _route_web(self, parts: list[str]) -> None:
@@ -546,7 +409,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             parts = parts[1:]
         if len(parts) > 4 and parts[-4:] == ["info", "lfs", "objects", "batch"] and parts[-5].endswith(".git"):
             self._expect("POST")
-            return self._lfs_batch(repo_type, check_repo_id("/".join(parts[:-5] + [parts[-5][:-4]])))
+            repo_id = check_repo_id("/".join(parts[:-5] + [parts[-5][:-4]]))
+            self._authorize(repo_type, repo_id, "write")
+            return self._lfs_batch(repo_type, repo_id)
         if "resolve" not in parts[1:3]:
             raise HubError(404, "Unknown endpoint")
         i = parts.index("resolve", 1)
@@ -554,37 +419,44 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         n = 3 if rest[:1] == ["refs"] and rest[1:2] in (["pr"], ["convert"]) else 1  # unquoted special refs
         if self.command not in ("GET", "HEAD"):
             raise HubError(405, f"{self.command} is not allowed here")
-        self._resolve(repo_type, check_repo_id("/".join(parts[:i])), unquote("/".join(rest[:n])),
-                      unquote("/".join(rest[n:])))
+        repo_id = check_repo_id("/".join(parts[:i]))
+        self._authorize(repo_type, repo_id, "read")
+        self._resolve(repo_type, repo_id, unquote("/".join(rest[:n])), unquote("/".join(rest[n:])))
 
     # -- account and repos ------------------------------------------------------------------------------
 
     def _whoami(self) -> None:
+        """The token's name and role, in the shape of the Hub's answer; 401 without a token."""
         self._expect("GET")
+        name, role = self.identity
+        if name is None:
+            raise HubError(401, "Authentication required: send a token (Authorization: Bearer TOKEN)"
+                           if self.hub.tokens is not None else "This server knows no tokens (no --token-file)")
         self._send_json({
-            "type": "user", "id": LOCAL_USER, "name": LOCAL_USER, "fullname": "Local user", "email": None,
-            "emailVerified": False, "isPro": False, "canPay": False, "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": LOCAL_USER, "role": "write"}},
+            "type": "user", "id": name, "name": name, "fullname": name, "email": None, "emailVerified": False,
+            "isPro": False, "canPay": False, "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": name, "role": role}},
         })
 
     def _create_repo(self) -> None:
-        """Create a repo; a repo id without organisation goes to the user's namespace, as on the Hub."""
+        """Create a repo; a repo id without organisation goes to the caller's namespace, as on the Hub."""
         self._expect("POST")
-        body = self._json_body()
-        repo_type = body.get("type") or "model"
-        repo_id = f"{body.get('organization') or LOCAL_USER}/{body['name']}"
-        private = body.get("visibility", "public") != "public" or bool(body.get("private"))
-        created = self.storage.create_repo(repo_type, repo_id, private)
+        self._require("write")
+        body = self._json_object()
+        repo_type, repo_id = self._namespaced(body)
+        private = _field(body, "visibility", str, "public") != "public" or _field(body, "private", bool, False)
+        created = self.storage.create_repo(repo_type, repo_id, private, author=self.identity.name or LOCAL_USER)
         url = self._repo_url(repo_type, repo_id)
         if not created:
             return self._send_json({"error": "You already created this repo", "url": url}, 409)
         self._send_json({"url": url, "name": repo_id, "id": repo_id})
 
     def _delete_repo(self) -> None:
+        """Delete a repo: this needs the ``admin`` role."""
         self._expect("DELETE")
-        body = self._json_body()
-        repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-        self.storage.delete_repo(body.get("type") or "model", repo_id)
+        repo_type, repo_id = self._namespaced(self._json_object())
+        self._authorize(repo_type, repo_id, "admin")
+        self.storage.delete_repo(repo_type, repo_id)
         self._send_json({})
 
     def _repo_info(self, repo_type: str, repo_id: str, revision: str) -> None:
@@ -622,7 +494,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _branch(self, repo_type: str, repo_id: str, branch: str) -> None:
         if self.command == "POST":
-            self.storage.create_branch(repo_type, repo_id, branch, self._json_body().get("startingPoint"))
+            starting_point = _field(self._json_object(), "startingPoint", str, None)
+            self.storage.create_branch(repo_type, repo_id, branch, starting_point)
         elif self.command == "DELETE":
             self.storage.delete_branch(repo_type, repo_id, branch)
         else:
@@ -636,20 +509,19 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         commit = self.storage.read_commit(repo_type, repo_id, revision)
         folder = check_path(folder) if folder else ""
         if folder and not any(path.startswith(folder + "/") for path in commit["tree"]):
-            raise _entry_not_found(folder, commit["id"])
+            raise entry_not_found(folder, commit["id"])
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
         self._send_json(list_tree(commit["tree"], folder, recursive))
 
     def _paths_info(self, repo_type: str, repo_id: str, revision: str) -> None:
         """Info on the given paths (form-encoded ``paths=...``, as the client sends them); unknown ones skipped."""
-        body = b"".join(self._body)
         if self.headers.get("Content-Type", "").startswith("application/json"):
-            paths = json.loads(body)["paths"]
+            paths = _field(self._json_object(), "paths", list)
         else:
-            paths = parse_qs(body.decode()).get("paths", [])
+            paths = parse_qs(self._body.read().decode()).get("paths", [])
         tree = self.storage.read_commit(repo_type, repo_id, revision)["tree"]
         infos = []
-        for path in (check_path(p.rstrip("/")) for p in paths):
+        for path in (check_path(p.rstrip("/") if isinstance(p, str) else p) for p in paths):
             if path in tree:
                 infos.append(file_info(path, tree[path]))
             elif any(p.startswith(path + "/") for p in tree):
@@ -667,83 +539,74 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._refuse_pull_requests()
         commit = self.storage.read_commit(repo_type, repo_id, revision)
         files = []
-        for item in self._json_body()["files"]:
-            path = check_path(item["path"])
+        for item in _objects(self._json_object(), "files"):
+            path = check_path(item.get("path"))
             entry = commit["tree"].get(path)
+            sample = base64.b64decode(_field(item, "sample", str, ""))
             files.append({
                 "path": path,
-                "uploadMode": upload_mode(path, int(item["size"]), base64.b64decode(item.get("sample", ""))),
+                "uploadMode": upload_mode(path, _field(item, "size", int), sample),
                 "shouldIgnore": False,
                 "oid": None if entry is None else entry["sha256"] if entry["lfs"] else entry["oid"],
             })
         self._send_json({"files": files, "commitOid": commit["id"]})
 
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
-        """LFS batch API, basic transfer: upload and verify URLs for the objects not stored yet."""
-        self.storage.repo_meta(repo_type, repo_id)
-        body = self._json_body()
+        """LFS batch API, basic transfer: signed upload URLs and verify URLs for the objects not stored yet."""
+        body = self._json_object()
         if body.get("operation") != "upload":
             raise HubError(400, "Only the upload operation is supported")
         api = f"{self._base_url()}/api/{repo_type}s/{repo_id}"
         objects = []
-        for obj in body["objects"]:
-            oid, size = obj["oid"], int(obj["size"])
-            if not _SHA256_RE.fullmatch(oid):
-                objects.append({"oid": str(oid), "size": size, "error": {"code": 422, "message": "Invalid oid"}})
+        for obj in _objects(body, "objects"):
+            oid, size = _field(obj, "oid", str), _field(obj, "size", int)
+            if size > self.hub.max_upload_bytes:
+                raise HubError(413, f"LFS object {oid} has {size} bytes; this server accepts at most "
+                                    f"{self.hub.max_upload_bytes} (--max-upload-bytes)")
+            if not SHA256_RE.fullmatch(oid) or size < 0:
+                objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "Invalid oid or size"}})
             elif self.storage.blob_size(oid) == size:
                 objects.append({"oid": oid, "size": size})
             else:
+                query = urlencode(self.hub.signer.sign(repo_type, repo_id, oid, size))
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": f"{api}/lfs-objects/{oid}"},
+                    "upload": {"href": f"{api}/lfs-objects/{oid}?{query}"},
                     "verify": {"href": f"{api}/lfs-verify"},
                 }})
         self._send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                         headers={"Content-Type": "application/vnd.git-lfs+json"})
 
     def _lfs_upload(self, repo_type: str, repo_id: str, oid: str) -> None:
-        """Receive an LFS object; content whose sha256 is not ``oid`` is refused."""
-        self.storage.repo_meta(repo_type, repo_id)
-        if not _SHA256_RE.fullmatch(oid):
+        """Receive an LFS object through a URL signed by the batch endpoint (or with a ``write`` token).
+
+        Content whose sha256 is not ``oid`` is refused with 400, content over the signed size with 413.
+        """
+        if not SHA256_RE.fullmatch(oid):
             raise HubError(400, f"Invalid LFS oid: {oid!r}")
+        params = {key: values[0] for key, values in self.query.items()}
+        signed_size = self.hub.signer.check(repo_type, repo_id, oid, params)
+        if signed_size is None:
+            self._authorize(repo_type, repo_id, "write")
+        else:
+            self.storage.repo_meta(repo_type, repo_id)
+            self._body.limit = min(self._body.limit, signed_size)
         self.storage.put_blob(self._body, expected_sha256=oid)
         self._send_json({})
 
     def _lfs_verify(self, repo_type: str, repo_id: str) -> None:
-        self.storage.repo_meta(repo_type, repo_id)
-        body = self._json_body()
-        if self.storage.blob_size(body["oid"]) != int(body["size"]):
-            raise HubError(404, f"LFS object {body['oid']} of size {body['size']} is not stored")
+        body = self._json_object()
+        oid, size = _field(body, "oid", str), _field(body, "size", int)
+        if self.storage.blob_size(oid) != size:
+            raise HubError(404, f"LFS object {oid} of size {size} is not stored")
         self._send_json({"success": True})
 
     def _commit(self, repo_type: str, repo_id: str, branch: str) -> None:
-        """The NDJSON commit: a header line, then one line per file, LFS reference or deletion."""
+        """The NDJSON commit (format in :mod:`prg_hub.hub_commits`)."""
         self._refuse_pull_requests()
-        self.storage.repo_meta(repo_type, repo_id)
-        lines = [json.loads(line) for line in b"".join(self._body).splitlines() if line.strip()]
-        if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "The first line of a commit must be its header")
-        header, operations = lines[0]["value"], []
-        for line in lines[1:]:
-            key, value = line["key"], line["value"]
-            path = value["path"].rstrip("/") if key == "deletedFolder" else value["path"]
-            if key == "file":
-                if value.get("encoding", "base64") != "base64":
-                    raise HubError(400, "File content must be base64")
-                try:
-                    content = base64.b64decode(value["content"], validate=True)
-                except binascii.Error as err:
-                    raise HubError(400, f"Invalid base64 content for {path!r}") from err
-                operations.append(Operation(key, check_path(path), content=content))
-            elif key == "lfsFile":
-                size = value.get("size")
-                operations.append(Operation(key, check_path(path), oid=value["oid"],
-                                            size=None if size is None else int(size)))
-            elif key in ("deletedFile", "deletedFolder"):
-                operations.append(Operation(key, check_path(path)))
-            else:
-                raise HubError(400, f"Unknown commit operation {key!r}")
-        commit_id = self.storage.commit(repo_type, repo_id, branch, operations, header.get("summary") or "",
-                                        header.get("description") or "", header.get("parentCommit"))
+        commit = parse_commit(self._body.read())
+        commit_id = self.storage.commit(repo_type, repo_id, branch, commit.operations, commit.summary,
+                                        commit.description, commit.parent_commit,
+                                        author=self.identity.name or LOCAL_USER)
         self._send_json({"success": True, "commitOid": commit_id, "pullRequestUrl": None,
                          "commitUrl": f"{self._repo_url(repo_type, repo_id)}/commit/{commit_id}"})
 
@@ -755,7 +618,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         commit = self.storage.read_commit(repo_type, repo_id, revision)
         entry = commit["tree"].get(path)
         if entry is None:
-            raise _entry_not_found(path, commit["id"])
+            raise entry_not_found(path, commit["id"])
         etag = f'"{entry["sha256"] if entry["lfs"] else entry["oid"]}"'
         size = entry["size"]
         headers = {"X-Repo-Commit": commit["id"], "ETag": etag, "Accept-Ranges": "bytes",
@@ -788,25 +651,91 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
 
 class _HubHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+    """A threading HTTP server that serves at most ``max_threads`` connections at once.
 
-    def __init__(self, address: tuple[str, int], storage: HubStorage):
+    Accepting waits for a free slot, so the connections beyond the limit wait in the listen backlog instead of
+    each getting a thread.
+    """
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], hub: HubServer, max_threads: int):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.hub = hub
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self.closing = threading.Event()  # set before shutting down, so that a wait for a slot gives up
         super().__init__(address, HubRequestHandler)
-        self.storage = storage
+
+    def process_request(self, request, client_address):
+        while not self._slots.acquire(timeout=0.2):
+            if self.closing.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class HubServer:
-    """A hub server on ``host:port`` (port 0 picks a free one); ``url`` is the value for ``HF_ENDPOINT``."""
+    """A hub server on ``host:port`` (port 0 picks a free one); ``url`` is the value for ``HF_ENDPOINT``.
 
-    def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0):
-        self.root = Path(root)
+    Args:
+        root: the storage folder (created if needed). Several servers may share it. At start, abandoned
+            temporary files under it are removed (see :mod:`prg_hub.hub_storage`).
+        token_file: the tokens and their roles (format in :mod:`prg_hub.hub_auth`); without one, writes are
+            refused unless ``allow_anonymous_writes``.
+        allow_anonymous_writes: let requests without a token act with the ``write`` role (for local tests);
+            refused with ``ValueError`` unless ``host`` is a loopback address.
+        max_upload_bytes: the largest LFS object accepted.
+        max_request_bytes: the largest other request body (a commit with its inline files, JSON calls).
+        max_threads: how many requests are served at once.
+
+    Raises ``TokenFileError`` (a ``ValueError``) for a bad token file and ``ValueError`` for bad options.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token_file: str | os.PathLike | None = None,
+        allow_anonymous_writes: bool = False,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_threads: int = DEFAULT_MAX_THREADS,
+    ):
+        if allow_anonymous_writes and not is_loopback(host):
+            raise ValueError(f"Anonymous writes are only allowed on a loopback address, not on {host!r}: "
+                             "use --token-file to let others write")
+        if min(max_upload_bytes, max_request_bytes, max_threads) < 1:
+            raise ValueError("max_upload_bytes, max_request_bytes and max_threads must be positive")
+        self.root, self.token_file = Path(root), token_file
+        self.tokens = None if token_file is None else TokenTable.from_file(token_file)
+        self.allow_anonymous_writes = allow_anonymous_writes
+        self.max_upload_bytes, self.max_request_bytes = max_upload_bytes, max_request_bytes
+        self.signer = UploadSigner()
         self.storage = HubStorage(self.root)
-        self._httpd = _HubHTTPServer((host, port), self.storage)
+        if removed := self.storage.remove_abandoned_temp_files():
+            logger.info("Removed %d abandoned temporary file(s) from %s", removed, self.root / "tmp")
+        self._httpd = _HubHTTPServer((host, port), self, max_threads)
         self.host, self.port = host, self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         self._thread: threading.Thread | None = None
+        if self.tokens is None and not is_loopback(host):
+            logger.warning("WARNING: the hub server on %s has no token file: anyone who can reach it reads every "
+                           "public repo, and nobody can write. Pass --token-file to control access.", self.url)
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         """Serve in a background daemon thread."""
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"hub-server-{self.port}",
                                         daemon=True)
@@ -819,30 +748,40 @@ class HubServer:
 
     def shutdown(self) -> None:
         """Stop serving and release the port."""
+        self._httpd.closing.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
 
 
-def serve_hub(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0) -> HubServer:
-    """Start a hub server storing its data under ``root`` in a background thread and return it."""
-    return HubServer(root, host, port).start()
+def serve_hub(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, **options) -> HubServer:
+    """Start a hub server storing its data under ``root`` in a background thread and return it.
+
+    ``options`` are :class:`HubServer`'s keyword arguments (token file, limits, threads).
+    """
+    return HubServer(root, host, port, **options).start()
 
 
-def run_hub_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve a hub from ``root`` in the foreground until interrupted (Ctrl-C)."""
+def run_hub_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve a hub from ``root`` in the foreground until interrupted (Ctrl-C); ``options`` as for :class:`HubServer`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = HubServer(root, host, port)
-    logger.info("Hub server on %s (storage: %s); use HF_ENDPOINT=%s HF_HUB_DISABLE_XET=1",
-                server.url, server.root, server.url)
+    server = HubServer(root, host, port, **options)
+    if server.tokens is not None:
+        access = f"{len(server.tokens)} token(s) from {server.token_file}"
+    elif server.allow_anonymous_writes:
+        access = "no token file, anonymous writes allowed"
+    else:
+        access = "no token file: read-only"
+    logger.info("Hub server on %s (storage: %s; %s); use HF_ENDPOINT=%s HF_HUB_DISABLE_XET=1",
+                server.url, server.root, access, server.url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 
 from .backbones import backbone_type_of, build_backbone
 from .configuration_prg import PRGConfig, check_feature_t
+from .finiteness import check_finite_output, check_finite_weights
 from .paths import get_path
 from .solvers import check_num_steps, integrate
+
+# |pixel value| above which an input cannot have come from an image processor: [0, 255] images or unnormalised
+# data. PRGImageProcessor gives [-1, 1]; mean/std normalisations of natural images stay well within ±10.
+MAX_ABS_PIXEL_VALUE = 20.0
 
 
 class PRGPreTrainedModel(PreTrainedModel):
@@ -71,6 +77,12 @@ class PRGPreTrainedModel(PreTrainedModel):
 
     def _backward_compatibility_gradient_checkpointing(self):
         """PRG reads `config.gradient_checkpointing` at every forward and keeps it in the saved config."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, after checking that every weight is finite: a model holding NaN or Inf
+        raises `prg_hub.finiteness.NonFiniteError` and nothing is written."""
+        check_finite_weights(self, f"The model being saved to {str(save_directory)!r}")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(
         self,
@@ -133,7 +145,8 @@ class PRGModel(PRGPreTrainedModel):
         self.post_init()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem if `pixel_values` is not a finite (B, C, H, W) batch it can take."""
+        """Raise a ValueError naming the problem if `pixel_values` is not a (B, C, H, W) batch it can take: finite,
+        with |x| <= `MAX_ABS_PIXEL_VALUE` (one host synchronisation)."""
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
             got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
             raise ValueError(
@@ -147,10 +160,18 @@ class PRGModel(PRGPreTrainedModel):
                 f"{tuple(pixel_values.shape)}. Use PRGImageProcessor, which converts images to RGB."
             )
         self.velocity.check_spatial_size(*pixel_values.shape[-2:])
-        if not torch.isfinite(pixel_values).all():
+        if not pixel_values.numel():
+            return
+        largest = pixel_values.detach().abs().amax().item()  # NaN if any value is NaN
+        if not math.isfinite(largest):
             raise ValueError(
                 "pixel_values contains NaN or Inf values; the reversed ODE needs finite inputs in [-1, 1]. "
                 "Check the image decoding and normalisation."
+            )
+        if largest > MAX_ABS_PIXEL_VALUE:
+            raise ValueError(
+                f"pixel_values reach |x| = {largest:g}, far outside the [-1, 1] this model was trained on; were the "
+                "images passed as [0, 255] values or without normalisation? Use PRGImageProcessor to convert them."
             )
 
     def encode(
@@ -190,7 +211,7 @@ class PRGModel(PRGPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
-            hidden_states.
+            hidden_states. In eval mode, features holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError`.
         """
         feature_t = self.config.feature_t if feature_t is None else feature_t
         num_steps = self.config.num_steps if num_steps is None else num_steps
@@ -204,6 +225,8 @@ class PRGModel(PRGPreTrainedModel):
 
         trajectory = self.encode(pixel_values, feature_t, num_steps, return_trajectory=output_hidden_states)
         features = trajectory[-1]
+        if not self.training:
+            check_finite_output(features, "features")
         output = BaseModelOutputWithPooling(
             last_hidden_state=features,
             pooler_output=self.pool(features).flatten(1),
@@ -284,7 +307,8 @@ class PRGForImageClassification(PRGPreTrainedModel):
 
         With `labels` (B,) of class indices, `loss` = CE(logits, labels; label_smoothing) + β·L_FM(pixel_values)
         where the L_FM term is added only when β = `config.fm_loss_weight` > 0.
-        Returns `ImageClassifierOutput` with logits (B, num_labels).
+        Returns `ImageClassifierOutput` with logits (B, num_labels). In eval mode, logits holding NaN or Inf raise
+        `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         features = self.prg(
@@ -295,6 +319,8 @@ class PRGForImageClassification(PRGPreTrainedModel):
             return_dict=True,
         )
         logits = self.head(features.pooler_output)
+        if not self.training:
+            check_finite_output(logits, "logits")
 
         loss = None
         if labels is not None:

@@ -1,29 +1,61 @@
-"""`PRGFeatureExtractor`, the `image-feature-extraction` pipeline for PRG checkpoints.
+"""The `image-classification` and `image-feature-extraction` pipelines, with PRG checkpoints' image handling.
 
-After `import prg_hub`, `pipeline("image-feature-extraction", model=...)` returns a `PRGFeatureExtractor`.
-It is transformers' `ImageFeatureExtractionPipeline` plus two per-call options of the reversed ODE:
+`pipeline(task, model=...)` picks its class from the task before it loads the model, so a class meant for PRG
+models alone cannot be chosen per model. After `import prg_hub` the two tasks are therefore served by
+subclasses of transformers' pipelines that differ from them only for PRG models: `PRGImageClassificationPipeline`
+and `PRGFeatureExtractor`. For any other model they run the stock code.
+
+For PRG models the images reach the model exactly as `PRGImageProcessor` makes them from the same image:
+* a path, URL or base64 string is read with `prg_hub.image_files.open_image`, in its stored mode. Transformers'
+  `load_image` would convert it to RGB with PIL first, saturating 16-bit images and dropping the alpha channel.
+* the image processor converts every image with `prg_hub.image_conversion.to_rgb`, which also applies the EXIF
+  orientation, as `load_image` does.
+* an image that cannot be read stops the call with `prg_hub.image_files.UnreadableImageError` (a ValueError)
+  whose message names it: `PATH: cannot read image (REASON)`. A call returns one result per input, in order,
+  so no input is skipped silently; to go on past bad files, catch the error per image or call `open_image` on
+  the paths first. Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused the
+  same way.
+
+The feature extractor takes two per-call options of the reversed ODE:
 
     extractor(images, feature_t=0.5, num_steps=10, pool=True)
 
 * `feature_t` in (0, 1]: where along the path x_t is read (1 is noise); defaults to the checkpoint's config.
 * `num_steps`: solver steps from t = 0 to `feature_t`; defaults to the checkpoint's config.
 * `pool`: `False` returns x_t, shape (C, H, W) per image; `True` returns the pooled vector (C·p²) the PRG head reads.
-
-For models other than PRG it behaves exactly like `ImageFeatureExtractionPipeline`, which it subclasses.
 """
 
 from __future__ import annotations
 
-from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
+from transformers.pipelines.image_classification import ImageClassificationPipeline
 from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
 
+from .image_files import open_image
 from .modeling_prg import PRGPreTrainedModel
 
-TASK = "image-feature-extraction"
+
+def prg_model_inputs(pipe: Pipeline, image, timeout: float | None = None, **image_processor_kwargs) -> dict:
+    """Model inputs of a PRG pipeline for one image: a path, URL or base64 string is read in its stored mode and
+    the image processor converts it; a PIL image, array or tensor goes to the processor as it is."""
+    if isinstance(image, str):
+        image = open_image(image, timeout=timeout)
+    return pipe.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(pipe.dtype)
+
+
+class PRGImageClassificationPipeline(ImageClassificationPipeline):
+    """`ImageClassificationPipeline` reading images as `PRGImageProcessor` does for PRG models (module docstring):
+    `pipeline("image-classification", model=prg_checkpoint)(images, top_k=5)` → [{"label", "score"}, ...]."""
+
+    def preprocess(self, image, **preprocess_params):
+        if isinstance(self.model, PRGPreTrainedModel):
+            return prg_model_inputs(self, image, **preprocess_params)
+        return super().preprocess(image, **preprocess_params)
 
 
 class PRGFeatureExtractor(ImageFeatureExtractionPipeline):
-    """Image feature extraction through the reversed flow; see the module docstring for the call options."""
+    """Image feature extraction through the reversed flow; see the module docstring for the call options and how
+    images are read."""
 
     def _sanitize_parameters(self, image_processor_kwargs=None, return_tensors=None, pool=None, feature_t=None,
                              num_steps=None, **kwargs):
@@ -38,10 +70,22 @@ class PRGFeatureExtractor(ImageFeatureExtractionPipeline):
             )
         return preprocess_params, forward_params, postprocess_params
 
+    def preprocess(self, image, **preprocess_params):
+        if isinstance(self.model, PRGPreTrainedModel):
+            return prg_model_inputs(self, image, **preprocess_params)
+        return super().preprocess(image, **preprocess_params)
+
     def _forward(self, model_inputs, **forward_params):
         return self.model(**model_inputs, **forward_params)
 
 
-def register_feature_extraction_pipeline() -> None:
-    """Serve the `image-feature-extraction` task with `PRGFeatureExtractor`, keeping the task's other settings."""
-    PIPELINE_REGISTRY.supported_tasks[TASK] = {**PIPELINE_REGISTRY.supported_tasks[TASK], "impl": PRGFeatureExtractor}
+PIPELINE_CLASSES = {
+    "image-classification": PRGImageClassificationPipeline,
+    "image-feature-extraction": PRGFeatureExtractor,
+}
+
+
+def register_pipelines() -> None:
+    """Serve each task of `PIPELINE_CLASSES` with its class, keeping the task's other settings."""
+    for task, pipeline_class in PIPELINE_CLASSES.items():
+        PIPELINE_REGISTRY.supported_tasks[task] = {**PIPELINE_REGISTRY.supported_tasks[task], "impl": pipeline_class}

@@ -5,6 +5,8 @@ given on the command line override the recipe.
 
 Checkpoints (full training state, written by `accelerator.save_state`) live in
 `output_dir/checkpoints/checkpoint-<optimizer step>`; `--resume_from_checkpoint latest` picks the highest step.
+Nothing in them is a pickle that can run code: accelerate loads its files with `torch.load(weights_only=True)`,
+and the EMA weights are a safetensors file (`ema.safetensors`) rather than a pickled custom state.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -22,14 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .finiteness import NonFiniteError, check_finite_weights
 from .image_processing_prg import PRGImageProcessor
 from .modeling_prg import PRGModel
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+EMA_STATE_FILE = "ema.safetensors"
 
 
 def parse_args_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,19 +120,22 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None = None,
-                    extra_json: dict[str, dict] | None = None) -> Path:
-    """Save the full training state as checkpoints/checkpoint-<step>, atomically.
+def save_checkpoint(accelerator, model: nn.Module, output_dir: str | Path, step: int, total_limit: int | None = None,
+                    extra_json: dict[str, dict] | None = None, ema: EMAModel | None = None) -> Path:
+    """Save the full training state as checkpoints/checkpoint-<step>, atomically; all processes call it.
 
-    `accelerator.save_state` (model, optimizer, scheduler, registered objects such as the EMA, and each process's
-    RNG states) writes into `checkpoint-<step>.partial`, which the main process then renames: a run killed
-    mid-save leaves no half-written `checkpoint-<step>` for `--resume_from_checkpoint latest` to pick up.
-    `extra_json` files ({name: data}) are written into the checkpoint by the main process. All processes call it.
+    `accelerator.save_state` (model, optimizer, scheduler and each process's RNG states) writes into
+    `checkpoint-<step>.partial`, which the main process then renames: a run killed mid-save leaves no half-written
+    `checkpoint-<step>` for `--resume_from_checkpoint latest` to pick up. The main process adds the `extra_json`
+    files ({name: data}) and the `ema` state (`EMA_STATE_FILE`). Only once the new checkpoint is complete are the
+    oldest ones deleted down to `total_limit`, so a kill at any moment leaves at least one complete checkpoint.
+
+    Raises `NonFiniteError` (and writes nothing) if `model` holds NaN or Inf weights.
     """
+    check_finite_weights(accelerator.unwrap_model(model), f"Step {step}: the checkpoint")
     final = checkpoint_path(output_dir, step)
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
@@ -130,19 +143,92 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     if accelerator.is_main_process:
         for name, data in (extra_json or {}).items():
             write_json(partial / name, data)
+        if ema is not None:
+            save_ema_state(ema, partial / EMA_STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
+        prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> None:
-    """Delete the oldest checkpoints so that, after one more is saved, at most `total_limit` remain."""
+    """Delete the oldest checkpoints so that at most `total_limit` remain."""
     if total_limit is None:
         return
     checkpoints = list_checkpoints(output_dir)
-    for stale in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+    for stale in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         shutil.rmtree(stale)
+
+
+def save_ema_state(ema: EMAModel, path: str | Path) -> None:
+    """Write an `EMAModel` as safetensors: its shadow weights as tensors "shadow.<i>", its scalars as metadata."""
+    state = ema.state_dict()
+    tensors = {f"shadow.{index}": tensor.detach().contiguous().cpu()
+               for index, tensor in enumerate(state.pop("shadow_params"))}
+    save_file(tensors, path, metadata={"ema_state": json.dumps(state)})
+
+
+def load_ema_state(ema: EMAModel, path: str | Path, device: torch.device | str) -> None:
+    """Restore an `EMAModel` written by `save_ema_state`, its shadow weights on `device`."""
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as file:
+        state = json.loads(file.metadata()["ema_state"])
+    if len(tensors) != len(ema.shadow_params):
+        raise ValueError(
+            f"{path} holds {len(tensors)} EMA tensors but the model has {len(ema.shadow_params)} parameters; it was "
+            "written for another architecture."
+        )
+    ema.load_state_dict({**state, "shadow_params": [tensors[f"shadow.{index}"] for index in range(len(tensors))]})
+    ema.to(device=device)
+
+
+class NonFiniteLossGuard:
+    """Stops a run at the first optimizer step whose loss is NaN or Inf, or skips up to `max_skipped` such steps.
+
+    Per micro-batch, call `observe(loss)` after the backward pass; per optimizer step, call `step_is_finite(step)`
+    before `optimizer.step()`. A skipped step applies no update (the gradients are discarded) but still counts as
+    a step, so the learning-rate schedule and the resume position stay those of an uninterrupted run. The check
+    costs one host synchronisation per optimizer step, plus one all-reduce of a flag with several processes, so
+    that every process takes the same decision.
+    """
+
+    def __init__(self, accelerator, max_skipped: int = 0):
+        self.accelerator = accelerator
+        self.max_skipped = max_skipped
+        self.skipped_steps: list[int] = []
+        self._non_finite_losses = torch.zeros((), device=accelerator.device)
+        self._last_loss = torch.zeros((), device=accelerator.device)
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Record one micro-batch's loss (no synchronisation)."""
+        self._last_loss = loss.detach().float()
+        self._non_finite_losses += (~torch.isfinite(self._last_loss)).float()
+
+    def step_is_finite(self, step: int) -> bool:
+        """True if every micro-batch of optimizer step `step` had a finite loss on every process.
+
+        Otherwise the step is recorded in `skipped_steps` and False is returned, or, once more than `max_skipped`
+        steps were skipped, `NonFiniteError` is raised naming the step.
+        """
+        non_finite = self.accelerator.reduce(self._non_finite_losses, reduction="sum").item()
+        self._non_finite_losses.zero_()
+        if non_finite == 0:
+            return True
+        self.skipped_steps.append(step)
+        if len(self.skipped_steps) > self.max_skipped:
+            raise NonFiniteError(
+                f"Step {step}: the training loss is {self._last_loss.item()} (not finite) in {int(non_finite)} "
+                f"micro-batch(es). The run stopped before the update, so no checkpoint or model holds non-finite "
+                f"weights; the checkpoints saved before are intact. Lower --learning_rate, set --max_grad_norm, check "
+                "the data and the starting weights, then resume with --resume_from_checkpoint latest"
+                + (f" ({self.max_skipped} non-finite steps were skipped first, at steps "
+                   f"{self.skipped_steps[:-1]})." if self.max_skipped else
+                   ", or pass --skip_nonfinite_steps N to skip up to N such steps.")
+            )
+        logger.warning(f"Step {step}: non-finite training loss; the step is skipped "
+                       f"({len(self.skipped_steps)} of at most {self.max_skipped}).")
+        return False
 
 
 def resume_position(global_step: int, batches_per_epoch: int, gradient_accumulation_steps: int) -> tuple[int, int]:

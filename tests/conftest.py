@@ -2,14 +2,20 @@
 
 ``huggingface_hub`` reads ``HF_ENDPOINT`` (and its cache location) once, when it is first imported, and
 transformers and datasets import it. So the environment is set here, before anything else is imported: the
-clients talk to a local hub on a port chosen now, with plain LFS uploads instead of Xet, a dummy token, and a
+clients talk to a local hub on a port chosen now, with plain LFS uploads instead of Xet, a test token, and a
 fresh, empty cache under a temporary ``HF_HOME`` that never touches the user's cache.
+
+The hub serves with a token file that gives the test token (``HF_TOKEN``) the ``admin`` role under the name
+``TEST_USER``, so tests push, create branches and delete repos as an authenticated client would on the Hub.
 """
 
 import os
 import shutil
 import socket
 import tempfile
+
+TEST_TOKEN = "hf_local_test_token"
+TEST_USER = "tester"
 
 with socket.socket() as _sock:
     _sock.bind(("127.0.0.1", 0))
@@ -24,7 +30,7 @@ os.environ.update({
     "HF_HUB_DISABLE_XET": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "HF_TOKEN": "hf_local_test_token",
+    "HF_TOKEN": TEST_TOKEN,
     "HF_HOME": _HF_HOME,
 })
 
@@ -43,7 +49,9 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def hub_server(tmp_path_factory):
     """The hub server at ``HF_ENDPOINT``, storing under a temporary root, shared by the whole session."""
-    _servers.append(serve_hub(tmp_path_factory.mktemp("hub"), "127.0.0.1", HUB_PORT))
+    token_file = tmp_path_factory.mktemp("hub-tokens") / "tokens.txt"
+    token_file.write_text(f"{TEST_TOKEN} {TEST_USER} admin\n")
+    _servers.append(serve_hub(tmp_path_factory.mktemp("hub"), "127.0.0.1", HUB_PORT, token_file=token_file))
     yield _servers[0]
     for server in _servers:
         server.shutdown()
@@ -55,7 +63,7 @@ def restart_hub():
 
     def restart(server: HubServer) -> HubServer:
         server.shutdown()
-        _servers.append(serve_hub(server.root, server.host, server.port))
+        _servers.append(serve_hub(server.root, server.host, server.port, token_file=server.token_file))
         return _servers[-1]
 
     return restart

@@ -219,8 +219,11 @@ def free_port() -> int:
 
 def test_serve_hub_serves_the_real_client(tmp_path):
     port = free_port()
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# token name role\nhf_cli_writer cli-user write\n")
     server = subprocess.Popen([sys.executable, "-m", "prg_hub.cli", "serve-hub", "--root", str(tmp_path / "hub"),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--port", str(port), "--token-file", str(tokens)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -231,7 +234,8 @@ def test_serve_hub_serves_the_real_client(tmp_path):
             assert time.monotonic() < deadline, "serve-hub did not start listening within 60 s"
             time.sleep(0.2)
 
-        api = HfApi(endpoint=f"http://127.0.0.1:{port}", token="hf_local_test_token")
+        api = HfApi(endpoint=f"http://127.0.0.1:{port}", token="hf_cli_writer")
+        assert api.whoami()["name"] == "cli-user"
         api.create_repo("org/served")
         api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="org/served")
         assert api.list_repo_files("org/served") == [".gitattributes", "config.json"]

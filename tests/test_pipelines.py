@@ -1,12 +1,21 @@
-"""The two pipelines on PIL images, loaded from a PRG checkpoint folder by `pipeline(...)`."""
+"""The two pipelines on PIL images, loaded from a PRG checkpoint folder by `pipeline(...)`; other models get
+transformers' own behaviour."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import pipeline
+from transformers.models.vit import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+from transformers.pipelines import ImageClassificationPipeline, ImageFeatureExtractionPipeline
 
-from prg_hub import PRGConfig, PRGFeatureExtractor, PRGForImageClassification, PRGImageProcessor
+from prg_hub import (
+    PRGConfig,
+    PRGFeatureExtractor,
+    PRGForImageClassification,
+    PRGImageClassificationPipeline,
+    PRGImageProcessor,
+)
 
 LABELS = {0: "airplane", 1: "bird", 2: "ship"}
 
@@ -78,3 +87,40 @@ def test_image_classification_pipeline_returns_labels_from_id2label(checkpoint, 
         probabilities = model(pixel_values).logits.softmax(-1)[0]
     assert predictions[0]["label"] == LABELS[int(probabilities.argmax())]
     assert predictions[0]["score"] == pytest.approx(probabilities.max().item(), abs=1e-5)
+
+
+def test_image_classification_pipeline_is_the_prg_subclass(checkpoint):
+    assert type(pipeline("image-classification", model=str(checkpoint))) is PRGImageClassificationPipeline
+
+
+def model_input(pipe, image) -> torch.Tensor:
+    """The pixel values that `pipe(image)` hands to its model."""
+    captured = []
+    hook = pipe.model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["pixel_values"]), with_kwargs=True
+    )
+    try:
+        pipe(image)
+    finally:
+        hook.remove()
+    [pixel_values] = captured
+    return pixel_values
+
+
+@pytest.mark.parametrize("task, stock_class", [("image-classification", ImageClassificationPipeline),
+                                               ("image-feature-extraction", ImageFeatureExtractionPipeline)])
+def test_other_models_get_the_stock_pipeline_behaviour(tmp_path, task, stock_class):
+    """A ViT reads a 16-bit and an RGBA file exactly as transformers' own pipeline does (PIL's RGB conversion)."""
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=8, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    registered = pipeline(task, model=str(tmp_path / "vit"))
+    stock = pipeline(task, model=str(tmp_path / "vit"), pipeline_class=stock_class)
+    assert isinstance(registered, stock_class) and type(stock) is stock_class
+    gray = np.tile(np.arange(0, 65536, 4096, dtype=np.uint16), (16, 1))
+    Image.fromarray(gray).save(tmp_path / "sixteen-bit.png")
+    Image.fromarray(np.zeros((16, 16, 4), dtype=np.uint8), "RGBA").save(tmp_path / "transparent.png")
+    for name in ("sixteen-bit.png", "transparent.png"):
+        path = str(tmp_path / name)
+        assert torch.equal(model_input(registered, path), model_input(stock, path)), name
