@@ -40,9 +40,9 @@ import http.client
 import importlib.util
 import json
 import os
+import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,8 +64,10 @@ import sys, types
 package = types.ModuleType("prg_hub")
 package.__path__ = [sys.argv[1]]
 sys.modules["prg_hub"] = package
-from prg_hub.hub_server import run_hub_server
-run_hub_server(sys.argv[2], "127.0.0.1", int(sys.argv[3]), token_file=sys.argv[4])
+from prg_hub.hub_server import HubServer
+server = HubServer(sys.argv[2], "127.0.0.1", 0, token_file=sys.argv[3])
+print(server.port, flush=True)
+server.serve_forever()
 """
 
 # The client side, in its own process: `upload`, `download` and `storm` jobs; one JSON object on stdout, or one
@@ -136,12 +138,6 @@ class Tally:
                 "wrong_cases": self.wrong_cases}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _write_tokens(folder: Path) -> Path:
     path = folder / "tokens.txt"
     path.write_text("".join(f"{token} {name} {role}\n" for token, (name, role) in TOKENS.items()))
@@ -190,20 +186,20 @@ def _run_client(job: dict, home: Path, timeout: float = 300) -> list:
 
 
 def _start_server(root: Path, token_file: Path) -> tuple[subprocess.Popen, int]:
-    """A hub server process on ``root``; returns it and its port once it listens."""
+    """A hub server process on ``root``; returns it and its port once it listens.
+
+    The server binds a port the system picks and prints it: a port chosen here and bound there could be taken by
+    another program in between, and a probe would then find that program listening instead.
+    """
     package_dir = importlib.util.find_spec("prg_hub").submodule_search_locations[0]
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, package_dir, str(root), str(port),
-                                str(token_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, port
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the hub server on {root} did not start")
-        time.sleep(0.05)
+    process = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, package_dir, str(root), str(token_file)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready, _, _ = select.select([process.stdout], [], [], 60)
+    line = process.stdout.readline() if ready else ""
+    if not line.strip().isdigit():
+        process.kill()
+        raise RuntimeError(f"the hub server on {root} did not start")
+    return process, int(line)
 
 
 def _kill(process: subprocess.Popen) -> None:
