@@ -14,13 +14,16 @@ setup(
     include_package_data=True,
     package_data={"prg_hub": ["templates/*", "pretrained/**/*"]},
     python_requires=">=3.10",
+    # Lower bounds: the oldest releases the test suite passes on. .ci/floors.txt pins them and CI runs the suite
+    # there as well as on the newest releases; torch>=2.11 is the oldest known to work, not tested in CI.
+    # CONTRIBUTING.md ("Supported versions") says what breaks below each one.
     install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.35",
-        "transformers>=5.0",
-        "huggingface_hub>=1.0",
-        "safetensors>=0.4",
-        "torchdiffeq>=0.2.4",
+        "torch>=2.11",
+        "diffusers>=0.35.2",
+        "transformers>=5.4",
+        "huggingface_hub>=1.5",
+        "safetensors>=0.4.3",
+        "torchdiffeq>=0.2.5",
         "scipy>=1.10",
         "numpy",
         "pillow",
@@ -29,8 +32,10 @@ setup(
     ],
     entry_points={"console_scripts": ["prg-hub=prg_hub.cli:main"]},
     extras_require={
-        "train": ["accelerate>=1.0", "datasets>=3.0", "pyyaml"],
+        "train": ["accelerate>=1.1", "datasets>=3.0", "pyyaml"],
+        # the torchvision backend of the image processor (PRGImageProcessor); without it, PRGImageProcessorPil
+        "vision": ["torchvision"],
         # setuptools: the tests build a wheel (without build isolation) to check what it installs
-        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pyyaml", "setuptools>=70.1"],
+        "test": ["pytest>=8", "accelerate>=1.1", "datasets>=3.0", "pyyaml", "setuptools>=70.1"],
     },
 )

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+from prg_hub import PRGConfig, PRGForImageClassification, PRGModel, default_image_processor
 from prg_hub.finiteness import NonFiniteError
 from prg_hub.hub_server import serve_hub
 from prg_hub.training import list_checkpoints
@@ -162,7 +162,7 @@ def repo_exists(env: dict, repo_id: str) -> bool:
 def check_nan_paths(tally: Tally, work: Path, data: Path, quick: bool) -> None:
     classifier = work / "classifier"
     PRGForImageClassification(PRGConfig(image_size=IMAGE_SIZE, num_steps=2, num_labels=3)).save_pretrained(classifier)
-    PRGImageProcessor.for_image_size(IMAGE_SIZE).save_pretrained(classifier)
+    default_image_processor(IMAGE_SIZE).save_pretrained(classifier)
     poisoned = poisoned_copy(classifier, work / "poisoned")
     image = work / "x.png"
     Image.fromarray(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(image)

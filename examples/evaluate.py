@@ -25,7 +25,7 @@ from accelerate.logging import get_logger
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from prg_hub import PRGForImageClassification, PRGImageProcessor
+from prg_hub import PRGForImageClassification, default_image_processor
 from prg_hub.finiteness import NonFiniteError
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import describe_machine, write_json
@@ -83,7 +83,7 @@ def main(argv=None):
     model = PRGForImageClassification.from_pretrained(args.model_name_or_path, **overrides)
     model.eval()
     image_size = model.config.image_size
-    processor = PRGImageProcessor.for_image_size(image_size)
+    processor = default_image_processor(image_size)
 
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, label_column=args.label_column, cache_dir=args.cache_dir

@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, PRGImageProcessor
+from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, default_image_processor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
@@ -136,7 +136,6 @@ def build_model(args, label_names: list[str]) -> PRGForImageClassification:
         "feature_t": args.feature_t,
         "num_steps": args.num_steps,
         "solver": args.solver,
-        "gradient_checkpointing": args.gradient_checkpointing,
         "adjoint": args.adjoint,
         "fm_loss_weight": args.fm_loss_weight,
         "label_smoothing": args.label_smoothing,
@@ -203,9 +202,10 @@ def main(argv=None):
     )
     set_seed(args.seed)  # the same head initialisation on every process
     model = build_model(args, image_data.label_names)
+    model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
-    processor = PRGImageProcessor.for_image_size(image_size)
+    processor = default_image_processor(image_size)
     train_dataset = ImageClassificationDataset(
         image_data.split(args.train_split, args.max_train_samples),
         image_data.image_column,
@@ -282,6 +282,7 @@ def main(argv=None):
         batches = train_dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+            batches.set_epoch(epoch)  # the epoch's shuffle (older accelerate restarts at epoch 0's)
         epoch_loss, epoch_batches = torch.zeros((), device=accelerator.device), 0
         for batch in batches:
             with accelerator.accumulate(model):

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from prg_hub import PRGForImageClassification, PRGImageProcessor
+from prg_hub import PRGForImageClassification, default_image_processor
 from prg_hub.finiteness import NonFiniteError
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
 from prg_hub.training import save_model, write_json
@@ -194,7 +194,7 @@ def main(argv=None):
     model.requires_grad_(False).eval()
     prg = accelerator.prepare_model(model.prg, evaluation_mode=True)
     image_size = model.config.image_size
-    processor = PRGImageProcessor.for_image_size(image_size)
+    processor = default_image_processor(image_size)
 
     if args.method == "prg_head":
         def feature_fn(pixel_values, indices):

@@ -34,7 +34,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from prg_hub import PATHS, PRGConfig, PRGImageProcessor, PRGModel
+from prg_hub import PATHS, PRGConfig, PRGModel, default_image_processor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
@@ -158,7 +158,7 @@ def main(argv=None):
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
     )
-    processor = PRGImageProcessor.for_image_size(args.image_size)
+    processor = default_image_processor(args.image_size)
     train_dataset = ImageClassificationDataset(
         image_data.split(args.train_split, args.max_train_samples),
         image_data.image_column,
@@ -253,6 +253,7 @@ def main(argv=None):
         batches = train_dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+            batches.set_epoch(epoch)  # the epoch's shuffle (older accelerate restarts at epoch 0's)
         for batch in batches:
             with accelerator.accumulate(objective):
                 loss = objective(batch["pixel_values"])

@@ -9,8 +9,9 @@ of the shipped weights (a result file of `examples/evaluate.py`) and the limits 
 
 Writes `prg_hub/pretrained/<name>/`:
 * `model.safetensors`: the classifier's weights in float16 (at most `MAX_WEIGHTS_BYTES`);
-* `config.json`: with `dtype` float32, so that `from_pretrained` loads float32 unless asked for another dtype;
-* `preprocessor_config.json`: the run's image processor;
+* `config.json`: with `dtype` float32, so that `from_pretrained` loads float32 unless asked for another dtype,
+  and the remote-code entries (the code itself is the installed package; `prg-hub push` uploads it);
+* `preprocessor_config.json`: the run's image processor, with its remote-code entry;
 * `README.md`: the card, rendered by `prg_hub.hub.render_model_card`.
 """
 
@@ -26,6 +27,7 @@ import yaml
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor
 from prg_hub.hub import CardDetails, read_training_output, render_model_card
+from prg_hub.remote_code import remote_code_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_WEIGHTS_BYTES = 16_000_000
@@ -84,6 +86,8 @@ def main() -> None:
     config.dtype = "float32"  # the weights are stored in float16; models are built in float32
     config.save_pretrained(output_dir)
     PRGImageProcessor.from_pretrained(run_dir / "classifier").save_pretrained(output_dir)
+    for code_file in remote_code_files():  # installed with the package; `prg-hub push` uploads them with it
+        (output_dir / code_file.name).unlink()
     weights_bytes = (output_dir / "model.safetensors").stat().st_size
     if weights_bytes > MAX_WEIGHTS_BYTES:
         raise ValueError(f"model.safetensors is {weights_bytes:,} bytes, over the {MAX_WEIGHTS_BYTES:,} allowed.")

@@ -11,14 +11,21 @@ from pathlib import Path
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
 )
 
+# From its module: without torchvision, transformers 5.17 exports a placeholder as `transformers.AutoImageProcessor`.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
 from .backbones import BACKBONES
 from .configuration_prg import PRGConfig
-from .image_processing_prg import PRGImageProcessor
+from .image_processing_prg import (
+    PRGImageProcessor,
+    PRGImageProcessorPil,
+    default_image_processor,
+    default_image_processor_class,
+)
 from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
 from .paths import PATHS, get_path
 from .pipelines import PRGFeatureExtractor, PRGImageClassificationPipeline, register_pipelines
@@ -32,7 +39,11 @@ DEFAULT_MODEL = str(Path(__file__).parent / "pretrained" / "prg-otcfm-cifar10-sm
 AutoConfig.register(PRGConfig.model_type, PRGConfig, exist_ok=True)
 AutoModel.register(PRGConfig, PRGModel, exist_ok=True)
 AutoModelForImageClassification.register(PRGConfig, PRGForImageClassification, exist_ok=True)
-AutoImageProcessor.register(PRGConfig, image_processor_classes={"pil": PRGImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    PRGConfig, image_processor_classes={"pil": PRGImageProcessorPil, "torchvision": PRGImageProcessor}, exist_ok=True
+)
+# Without torchvision, `prg_hub.PRGImageProcessor` is the PIL backend, as `transformers.ViTImageProcessor` is.
+PRGImageProcessor = default_image_processor_class()
 register_pipelines()
 
 __all__ = [
@@ -45,8 +56,10 @@ __all__ = [
     "PRGForImageClassification",
     "PRGImageClassificationPipeline",
     "PRGImageProcessor",
+    "PRGImageProcessorPil",
     "PRGModel",
     "PRGPreTrainedModel",
+    "default_image_processor",
     "get_path",
     "integrate",
 ]

@@ -53,7 +53,7 @@ from .hub import (
 )
 from .hub_server import DEFAULT_MAX_THREADS, DEFAULT_MAX_UPLOAD_BYTES, run_hub_server
 from .image_files import UnreadableImageError, open_image
-from .image_processing_prg import PRGImageProcessor
+from .image_processing_prg import PRGImageProcessor, default_image_processor, default_image_processor_class
 from .modeling_prg import PRGForImageClassification, PRGModel
 from .solvers import check_num_steps
 
@@ -153,8 +153,8 @@ def load_model(args: argparse.Namespace, model_id: str, model_class: type):
             )
         model = model_class.from_pretrained(model_id, config=config)
         has_processor = cached_file(model_id, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
-        processor = (PRGImageProcessor.from_pretrained(model_id) if has_processor
-                     else PRGImageProcessor.for_image_size(config.image_size))
+        processor = (default_image_processor_class().from_pretrained(model_id) if has_processor
+                     else default_image_processor(config.image_size))
     except LOAD_ERRORS as error:
         raise CommandFailed(f"cannot load model {model_id!r}: {_describe(error)}") from error
     device = "cuda" if torch.cuda.is_available() else "cpu"

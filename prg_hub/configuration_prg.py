@@ -10,6 +10,27 @@ from .backbones import BACKBONES, check_backbone_type
 from .paths import PATHS
 from .solvers import check_num_steps, check_solver
 
+# transformers' remote-code entries. With them a saved PRG checkpoint loads through transformers alone
+# (`trust_remote_code=True`), from the modules that `prg_hub.remote_code` copies beside the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_prg.PRGConfig",
+    "AutoModel": "modeling_prg.PRGModel",
+    "AutoModelForImageClassification": "modeling_prg.PRGForImageClassification",
+}
+CUSTOM_PIPELINES = {
+    "image-classification": {"impl": "pipelines.PRGImageClassificationPipeline", "pt": ["AutoModelForImageClassification"],
+                             "tf": [], "type": "image"},
+    "image-feature-extraction": {"impl": "pipelines.PRGFeatureExtractor", "pt": ["AutoModel"], "tf": [],
+                                 "type": "image"},
+}
+# transformers asks for `trust_remote_code=True` before it uses a config's `custom_pipelines`, even when the model
+# type is registered locally. The installed package registers the same pipelines itself (`prg_hub.pipelines`), so
+# the PRGConfig imported from prg_hub leaves that entry out of the configs it loads (and writes it into every
+# config it saves); the copy of this module that transformers imports from a checkpoint keeps it.
+IMPORTED_FROM_PACKAGE = __name__.startswith("prg_hub.")
+# Settings of a training run, not of the model, that configs saved by earlier versions may hold: ignored.
+TRAINING_SWITCHES = ("gradient_checkpointing",)
+
 
 class PRGConfig(PreTrainedConfig):
     r"""Configuration of `PRGModel` and `PRGForImageClassification`.
@@ -29,8 +50,6 @@ class PRGConfig(PreTrainedConfig):
         feature_t (`float`, defaults to 1.0): the time in (0, 1] at which x_t is the representation (1 is noise).
         adjoint (`bool`, defaults to `False`): solve with torchdiffeq's adjoint method (approximate gradients).
         ode_rtol, ode_atol (`float`, defaults to 1e-5): tolerances of adaptive solvers.
-        gradient_checkpointing (`bool`, defaults to `False`): recompute each solver step in the backward pass, so
-            activation memory does not grow with `num_steps`.
         time_scale (`float`, defaults to 1000): the network sees timestep `time_scale · t`.
         head_pool_size (`int`, defaults to 16): the PRG head pools x_t to `head_pool_size`² per channel.
         head_hidden_size (`int`, *optional*): width of the head's hidden layer; defaults to its input size
@@ -53,7 +72,6 @@ class PRGConfig(PreTrainedConfig):
     adjoint: bool = False
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
-    gradient_checkpointing: bool = False
     time_scale: float | int = 1000.0
     head_pool_size: int = 16
     head_hidden_size: int | None = None
@@ -79,7 +97,18 @@ class PRGConfig(PreTrainedConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale}.")
+        for name in TRAINING_SWITCHES:
+            kwargs.pop(name, None)
+        kwargs.pop("auto_map", None)
+        self.auto_map = dict(AUTO_MAP)
+        custom_pipelines = kwargs.pop("custom_pipelines", None)
+        if not IMPORTED_FROM_PACKAGE and custom_pipelines is not None:
+            self.custom_pipelines = custom_pipelines
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved: every field, plus `auto_map` and `custom_pipelines` for transformers' remote code."""
+        return {**super().to_dict(), "custom_pipelines": CUSTOM_PIPELINES}
 
     def _resolve_image_shape(self) -> None:
         """Make image_size, num_channels and backbone_config agree, filling in whichever is missing."""

@@ -8,7 +8,7 @@ or named explicitly.
 Unreadable images (corrupt or truncated bytes) do not stop a run: the example is skipped with a warning that
 names its index and the decoder's reason, and `collate_readable` builds each batch from the readable examples.
 
-Grayscale and every other PIL mode: images are converted to 3-channel RGB by `PRGImageProcessor` (a grey
+Grayscale and every other PIL mode: images are converted to 3-channel RGB by the image processor (a grey
 image becomes three equal channels). Every PRG model is therefore RGB, the head's input is C·16² = 768 as in the
 paper, and a flow pretrained on colour images can be finetuned on a grayscale dataset and the other way round.
 """
@@ -26,7 +26,7 @@ from PIL import Image
 
 from .augment import TrainAugmentation
 from .image_conversion import to_rgb
-from .image_processing_prg import PRGImageProcessor
+from .image_processing_prg import PRGImageProcessing
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         split: datasets.Dataset,
         image_column: str,
         label_column: str | None,
-        processor: PRGImageProcessor,
+        processor: PRGImageProcessing,
         augmentation: TrainAugmentation | None = None,
         seed: int = 0,
     ):

@@ -2,7 +2,7 @@
 
 A PRG repo holds `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`, the model card.
 Cards are rendered through `huggingface_hub.ModelCard` from the template `model_cards/model_card.md` (shipped as
-`prg_hub/templates/model_card.md`, a link to it; documented in `model_cards/README.md`). Their YAML metadata holds `library_name: prg_hub`, the `pipeline_tag`
+`prg_hub/templates/model_card.md`, a link to it; documented in `model_cards/README.md`). Their YAML metadata holds `library_name: transformers` (with the `custom_code` and `prg_hub` tags), the `pipeline_tag`
 (`image-classification` for `PRGForImageClassification`, `image-feature-extraction` for `PRGModel`), tags, the
 data set, the license, `base_model` when the model was finetuned from a Hub checkpoint, and a `model-index` with
 the measured evaluation results. Every number comes from the metrics passed in, which come from the training run
@@ -31,14 +31,19 @@ from transformers import AutoConfig
 
 from .configuration_prg import PRGConfig
 from .finiteness import check_finite_weights
-from .image_processing_prg import PRGImageProcessor
+from .image_processing_prg import PRGImageProcessor, PRGImageProcessorPil, default_image_processor
 from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
+from .remote_code import write_remote_code
 
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-LIBRARY_NAME = "prg_hub"
+# The Hub knows transformers; `custom_code` marks checkpoints that carry their own modeling code (remote code),
+# and the `prg_hub` tag lets people find PRG checkpoints.
+LIBRARY_NAME = "transformers"
+BASE_TAGS = ["prg_hub", "custom_code", "prg", "pretrained-reversible-generation", "flow-matching"]
 DEFAULT_LICENSE = "apache-2.0"
 PIPELINE_TAGS = {PRGModel: "image-feature-extraction", PRGForImageClassification: "image-classification"}
 ROLES = {PRGModel: "image feature extractor", PRGForImageClassification: "image classifier"}
+TASK_NAMES = {"image-classification": "Image Classification", "image-feature-extraction": "Image Feature Extraction"}
 
 # The files a training run leaves in its output_dir beside the saved model (see `push_training_output`).
 RUN_ARGS_FILE = "args.json"
@@ -143,8 +148,10 @@ def eval_results_from_metrics(
             "(the training run's `dataset` argument) so the card says what they were measured on."
         )
     return [
-        EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, dataset_split=dataset_split,
-                   metric_type=EVALUATION_METRICS[key][0], metric_name=EVALUATION_METRICS[key][1], metric_value=value)
+        EvalResult(task_type=task_type, task_name=TASK_NAMES[task_type], dataset_type=dataset, dataset_name=dataset,
+                   dataset_split=dataset_split,
+                   metric_type=EVALUATION_METRICS[key][0], metric_name=EVALUATION_METRICS[key][1], metric_value=value,
+                   verified=False)  # measured by the run, not by the Hub's evaluation service
         for key, value in measured.items()
     ]
 
@@ -193,7 +200,7 @@ def render_model_card(
         library_name=LIBRARY_NAME,
         pipeline_tag=pipeline_tag,
         license=license,
-        tags=["prg", "pretrained-reversible-generation", "flow-matching", config.path, config.backbone_type],
+        tags=[*BASE_TAGS, config.path, config.backbone_type],
         datasets=[dataset] if dataset_on_hub else None,
         base_model=base_model if base_model_on_hub else None,
         # model-index entries are named after the model; the name is only written with results.
@@ -228,7 +235,7 @@ def push_model_to_hub(
     model: PRGPreTrainedModel,
     repo_id: str,
     *,
-    image_processor: PRGImageProcessor | None = None,
+    image_processor: PRGImageProcessor | PRGImageProcessorPil | None = None,
     card: ModelCard | None = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
@@ -241,7 +248,7 @@ def push_model_to_hub(
 ) -> CommitInfo:
     """Upload a PRG model in one commit: config.json, model.safetensors, preprocessor_config.json and README.md.
 
-    Creates the repo (and the branch `revision`) if needed. `image_processor` defaults to a `PRGImageProcessor`
+    Creates the repo (and the branch `revision`) if needed. `image_processor` defaults to `default_image_processor`
     for the model's image size; `card` defaults to `render_model_card(model, repo_id)`, which records no results;
     `tags` are added to the card's tags. The other arguments are those of `PreTrainedModel.push_to_hub`.
     Returns the `CommitInfo` (its `oid` is the commit to pin with `revision=`).
@@ -249,13 +256,14 @@ def push_model_to_hub(
     check_finite_weights(model, f"The model to push to {repo_id!r}")  # before the repo is created
     api = HfApi(token=token)
     repo_id = _create_repo(api, repo_id, private, revision)
-    image_processor = image_processor or PRGImageProcessor.for_image_size(model.config.image_size)
+    image_processor = image_processor or default_image_processor(model.config.image_size)
     card = card or render_model_card(model, repo_id)
     if tags:
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
     with tempfile.TemporaryDirectory(prefix="prg-push-") as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         image_processor.save_pretrained(folder)
+        write_remote_code(folder)
         card.save(Path(folder) / "README.md")
         return _upload_model_folder(api, folder, repo_id, commit_message or f"Upload {type(model).__name__}",
                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
@@ -323,14 +331,15 @@ def push_training_output(
 ) -> CommitInfo:
     """Push the model saved in `output_dir` as it is stored, with its own card or one made from the run's records.
 
-    The weights, `config.json` and `preprocessor_config.json` are uploaded byte for byte (a checkpoint stored in
-    float16 stays float16), after the model was loaded once to check them. Nothing else of the folder
+    The weights are uploaded byte for byte (a checkpoint stored in float16 stays float16), after the model was
+    loaded once to check them; `config.json` and `preprocessor_config.json` as stored, plus the remote-code
+    entries and files of `prg_hub.remote_code.write_remote_code` when they lack them. Nothing else of the folder
     (checkpoints, samples, `best/`) is uploaded.
 
     Expected in `output_dir` (as `examples/pretrain.py` and `examples/finetune.py` leave it):
         - the model, saved with `save_pretrained` (config.json + model.safetensors or shards) by `PRGModel` or
           `PRGForImageClassification`;
-        - `preprocessor_config.json` (optional; a `PRGImageProcessor` for the model's image size otherwise);
+        - `preprocessor_config.json` (optional; `default_image_processor` for the model's image size otherwise);
         - `README.md` (optional): a model card the checkpoint already carries (such as `prg_hub.DEFAULT_MODEL`'s);
           it is uploaded as it is, and the run records below are then not read;
         - `args.json` (optional): the run's arguments, shown as the card's hyper-parameter table. `dataset` names
@@ -353,7 +362,8 @@ def push_training_output(
         if (source / "preprocessor_config.json").is_file():
             shutil.copyfile(source / "preprocessor_config.json", staged / "preprocessor_config.json")
         else:
-            PRGImageProcessor.for_image_size(model.config.image_size).save_pretrained(staged)
+            default_image_processor(model.config.image_size).save_pretrained(staged)
+        write_remote_code(staged)
         if (source / "README.md").is_file():
             shutil.copyfile(source / "README.md", staged / "README.md")
         else:

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -30,6 +31,7 @@ from .backbones import backbone_type_of, build_backbone
 from .configuration_prg import PRGConfig, check_feature_t
 from .finiteness import check_finite_output, check_finite_weights
 from .paths import get_path
+from .remote_code import write_remote_code
 from .solvers import check_num_steps, integrate
 
 # |pixel value| above which an input cannot have come from an image processor: [0, 255] images or unnormalised
@@ -72,17 +74,19 @@ class PRGPreTrainedModel(PreTrainedModel):
             init.copy_(module.pos_embed, pos_embed.float().unsqueeze(0))
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
-        """`activation_checkpointing_enable()` turns on per-solver-step checkpointing (config.gradient_checkpointing)."""
-        self.config.gradient_checkpointing = enable
-
-    def _backward_compatibility_gradient_checkpointing(self):
-        """PRG reads `config.gradient_checkpointing` at every forward and keeps it in the saved config."""
+        """`activation_checkpointing_enable()` (or `gradient_checkpointing_enable()`) turns on PRG's per-solver-step
+        checkpointing, `PRGModel.gradient_checkpointing`; the diffusers network's own block checkpointing stays off.
+        A training switch: it is not saved in the config."""
+        self.base_model.gradient_checkpointing = enable
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, after checking that every weight is finite: a model holding NaN or Inf
-        raises `prg_hub.finiteness.NonFiniteError` and nothing is written."""
+        """`PreTrainedModel.save_pretrained`, plus the code that loads the checkpoint without prg_hub
+        (`prg_hub.remote_code`). Every weight is checked first: a model holding NaN or Inf raises
+        `prg_hub.finiteness.NonFiniteError` and nothing is written."""
         check_finite_weights(self, f"The model being saved to {str(save_directory)!r}")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+        return result
 
     def push_to_hub(
         self,
@@ -142,6 +146,7 @@ class PRGModel(PRGPreTrainedModel):
         self.velocity = build_backbone(config.backbone_type, config.backbone_config, config.time_scale)
         self.probability_path = get_path(config.path)
         self.pool = nn.AdaptiveAvgPool2d(config.head_pool_size)
+        self.gradient_checkpointing = False  # recompute each solver step in the backward pass (training switch)
         self.post_init()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -185,7 +190,7 @@ class PRGModel(PRGPreTrainedModel):
             feature_t,
             num_steps,
             solver=self.config.solver,
-            checkpoint=self.config.gradient_checkpointing,
+            checkpoint=self.gradient_checkpointing,
             adjoint=self.config.adjoint,
             rtol=self.config.ode_rtol,
             atol=self.config.ode_atol,
@@ -204,7 +209,7 @@ class PRGModel(PRGPreTrainedModel):
         """Reverse the flow from the images to `feature_t`.
 
         Args:
-            pixel_values: images in [-1, 1], shape (B, C, H, W).
+            pixel_values: images in [-1, 1], shape (B, C, H, W); cast to the model's dtype.
             feature_t, num_steps: override the config's values for this call.
             output_hidden_states: also return the trajectory x_{t_0}, …, x_{t_num_steps} (num_steps + 1 tensors of
                 shape (B, C, H, W), t_0 = 0 and the last = feature_t).
@@ -222,6 +227,7 @@ class PRGModel(PRGPreTrainedModel):
         check_feature_t(feature_t)
         check_num_steps(num_steps)
         self.check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(self.dtype)
 
         trajectory = self.encode(pixel_values, feature_t, num_steps, return_trajectory=output_hidden_states)
         features = trajectory[-1]
@@ -239,7 +245,7 @@ class PRGModel(PRGPreTrainedModel):
     ) -> torch.Tensor:
         """L_FM on a batch of images in [-1, 1], shape (B, C, H, W): mean over all elements of (v_θ(x_t, t) − u_t)²."""
         self.check_pixel_values(pixel_values)
-        return self.probability_path.flow_matching_loss(self.velocity, pixel_values, generator)
+        return self.probability_path.flow_matching_loss(self.velocity, pixel_values.to(self.dtype), generator)
 
     @torch.no_grad()
     def generate(
@@ -256,7 +262,7 @@ class PRGModel(PRGPreTrainedModel):
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}.")
         shape = (num_images, self.config.num_channels, self.config.image_size, self.config.image_size)
-        noise = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         images = integrate(
             self.velocity,
             noise,

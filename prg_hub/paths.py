@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from scipy.optimize import linear_sum_assignment
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,14 +68,15 @@ class ProbabilityPath:
     def sample_time(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """t ~ U[0, 1], shape (B,)."""
-        return torch.rand(batch_size, device=device, generator=generator)
+        """t ~ U[0, 1], shape (B,), on `device`; drawn on the generator's device when one is given."""
+        draw_device = device if generator is None else generator.device
+        return torch.rand(batch_size, device=draw_device, generator=generator).to(device)
 
     def flow_matching_loss(
         self, velocity: VelocityFn, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """L_FM for a batch of data x (B, C, H, W): draw ε and t, couple, and regress v(x_t, t) onto u_t."""
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x, noise = self.couple(x, noise)
         t = self.sample_time(x.shape[0], x.device, generator)
         x_t = self.interpolate(x, noise, t)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .finiteness import NonFiniteError, check_finite_weights
-from .image_processing_prg import PRGImageProcessor
+from .image_processing_prg import default_image_processor
 from .modeling_prg import PRGModel
 
 logger = logging.getLogger(__name__)
@@ -287,9 +287,10 @@ def parameters_sha256(module: nn.Module) -> str:
 
 
 def save_model(model: nn.Module, output_dir: str | Path) -> None:
-    """`save_pretrained` (safetensors) plus the `PRGImageProcessor` that `pipeline(...)` loads beside it."""
+    """`save_pretrained` (safetensors) plus the image processor that `pipeline(...)` loads beside it
+    (`default_image_processor`; either backend saves the same `preprocessor_config.json`)."""
     model.save_pretrained(output_dir, safe_serialization=True)
-    PRGImageProcessor.for_image_size(model.config.image_size).save_pretrained(output_dir)
+    default_image_processor(model.config.image_size).save_pretrained(output_dir)
 
 
 def describe_machine(device: torch.device | None = None) -> str:

@@ -82,7 +82,8 @@ def test_card_states_the_measured_top1_the_recipe_the_hardware_and_the_limits():
     [result] = card.data.eval_results
     assert (result.metric_type, result.dataset_split) == ("accuracy", "test")
     assert result.metric_value == evaluation["top1"]  # the measurement of these weights, not a number typed in
-    assert card.data.library_name == "prg_hub" and card.data.pipeline_tag == "image-classification"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert {"prg_hub", "custom_code"} <= set(card.data.tags)
     text = card.text
     assert evaluation["command"] in text and f"{evaluation['img_per_s']:.1f} images/s" in text
     for fragment in ("python examples/pretrain.py --dataset cifar10-jpeg", "--max_train_steps 1509",

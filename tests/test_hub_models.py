@@ -12,16 +12,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, metadata_eval_result
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageClassification, pipeline
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel, PRGPreTrainedModel
 from prg_hub.hub import push_model_to_hub, push_training_output, read_training_output, render_model_card
+from prg_hub.remote_code import remote_code_files
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
-REPO_FILES = [".gitattributes", "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+# A pushed checkpoint: weights, configs, card, and the code that loads it without prg_hub (remote code).
+REPO_FILES = sorted([".gitattributes", "README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                     *(path.name for path in remote_code_files())])
 
 
 def tiny_model(model_class: type, seed: int) -> PRGPreTrainedModel:
@@ -91,7 +94,8 @@ def test_model_push_to_hub_uploads_processor_and_prg_card(hub_server):
     assert sorted(HfApi().list_repo_files("org/method-push")) == REPO_FILES
     assert HfApi().list_repo_commits("org/method-push")[0].title == "first version"
     card = ModelCard.load("org/method-push")
-    assert card.data.library_name == "prg_hub" and card.data.pipeline_tag == "image-classification"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert {"prg_hub", "custom_code"} <= set(card.data.tags)
     assert {"prg", "demo"} <= set(card.data.tags)
     assert_same_weights(PRGForImageClassification.from_pretrained("org/method-push", revision=commit.oid), model)
 
@@ -166,7 +170,7 @@ def test_card_from_a_training_run_round_trips_through_the_hub(hub_server, tmp_pa
     push_training_output(tmp_path, "org/carded")
 
     card = ModelCard.load("org/carded")
-    assert card.data.library_name == "prg_hub"
+    assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-classification"
     assert card.data.base_model == "org/prg-otcfm-c10"
     assert card.data.datasets == ["uoft-cs/cifar10"]
@@ -185,6 +189,24 @@ def test_card_from_a_training_run_round_trips_through_the_hub(hub_server, tmp_pa
     assert "hf_secret" not in text and str(tmp_path) not in text and "max_train_samples" not in text
     assert "arXiv:2412.01787" in text and "## Limitations" in text
     assert_same_weights(PRGForImageClassification.from_pretrained("org/carded"), model)
+
+
+def test_card_model_index_follows_the_hub_schema_in_full():
+    """The model-index is exactly what huggingface_hub's own `metadata_eval_result` writes for the same result, and
+    reads back through `ModelCard` unchanged."""
+    model = tiny_model(PRGForImageClassification, seed=4)
+    card = render_model_card(model, "org/schema", dataset="uoft-cs/cifar10", metrics={"final_top1": 0.625},
+                             eval_split="test")
+    metadata = yaml.safe_load(str(card).split("---")[1])
+    expected = metadata_eval_result(
+        model_pretty_name="schema", task_pretty_name="Image Classification", task_id="image-classification",
+        metrics_pretty_name="top-1 accuracy", metrics_id="accuracy", metrics_value=0.625,
+        dataset_pretty_name="uoft-cs/cifar10", dataset_id="uoft-cs/cifar10", dataset_split="test",
+    )
+    assert metadata["model-index"] == expected["model-index"]
+    reread = ModelCard(str(card)).data.eval_results[0]
+    assert (reread.task_name, reread.metric_name, reread.dataset_name, reread.dataset_type, reread.dataset_split) == (
+        "Image Classification", "top-1 accuracy", "uoft-cs/cifar10", "uoft-cs/cifar10", "test")
 
 
 def test_card_of_a_run_from_scratch_names_no_base_model(tmp_path):

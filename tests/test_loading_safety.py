@@ -30,7 +30,7 @@ from prg_hub.training import (
     save_checkpoint,
 )
 
-from test_training import PRETRAIN_ARGS, launch, max_abs_difference, start, write_shapes
+from test_training import PRETRAIN_ARGS, communicate, launch, max_abs_difference, start, write_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(ema_run, shapes, planted, t
     process = start("pretrain.py", ["--dataset", shapes, "--output_dir", output_dir, *PRETRAIN_ARGS,
                                     "--max_train_steps", 2, "--checkpointing_steps", 1,
                                     "--resume_from_checkpoint", "latest"], num_processes=1)
-    process.communicate(timeout=300)
+    communicate(process)
     assert not marker.exists()  # accelerate refuses the file (weights_only=True) or the folder; nothing runs
 
 

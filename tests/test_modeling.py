@@ -1,15 +1,19 @@
 """PRGModel and PRGForImageClassification: outputs, losses, generation, wrapping, saving and Auto loading."""
 
+import json
 import os
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # see prg_hub/__init__.py
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+from prg_hub.remote_code import remote_code_files
 
 LABELS = {0: "cat", 1: "dog", 2: "frog"}
 MINI_UNET = {  # a fast UNet2DModel for 8×8 images, for optimisation tests
@@ -35,7 +39,8 @@ def images(batch=2, size=32, seed=0):
 def test_save_and_load_round_trip_is_exact(tmp_path, backbone_type):
     model = tiny_classifier(backbone_type)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    code = [path.name for path in remote_code_files()]  # for transformers' remote code (tests/test_remote_code.py)
+    assert sorted(os.listdir(tmp_path)) == sorted(["config.json", "model.safetensors", *code])
 
     reloaded = PRGForImageClassification.from_pretrained(tmp_path).eval()
     saved = load_file(tmp_path / "model.safetensors")
@@ -190,26 +195,34 @@ def test_classifier_starts_from_a_flow_checkpoint(tmp_path):
     assert torch.isfinite(logits).all() and logits.abs().max() < 10
 
 
-def test_per_step_checkpointing_keeps_gradients_and_follows_the_config():
+def test_per_step_checkpointing_keeps_gradients_and_is_not_saved(tmp_path):
     gradients = []
     for enabled in (False, True):
-        model = tiny_classifier(gradient_checkpointing=enabled).train()
+        model = tiny_classifier().train()
+        model.prg.gradient_checkpointing = enabled
         model(images(), labels=torch.tensor([1, 2])).loss.backward()
         gradients.append({n: p.grad for n, p in model.named_parameters()})
     for name, plain in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], plain, rtol=1e-5, atol=1e-7)
 
     model = tiny_classifier()
-    model.activation_checkpointing_enable()
-    assert model.config.gradient_checkpointing is True
+    with warnings.catch_warnings():  # newer transformers name it activation_checkpointing_enable
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()  # transformers' switch turns on PRG's per-step checkpointing only
+    assert model.prg.gradient_checkpointing is True
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.prg.velocity.modules())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "gradient_checkpointing" not in saved  # a training switch, not part of the model
+    assert PRGForImageClassification.from_pretrained(tmp_path).prg.gradient_checkpointing is False
 
 
 def _saved_activation_bytes(num_steps, gradient_checkpointing):
     """Bytes autograd keeps for the backward pass of one forward through `num_steps` Euler steps."""
     torch.manual_seed(0)
-    config = PRGConfig(image_size=8, backbone_config=dict(MINI_UNET), num_steps=num_steps,
-                       gradient_checkpointing=gradient_checkpointing)
+    config = PRGConfig(image_size=8, backbone_config=dict(MINI_UNET), num_steps=num_steps)
     model = PRGModel(config)
+    model.gradient_checkpointing = gradient_checkpointing
     saved = []
 
     def pack(tensor):
@@ -229,3 +242,19 @@ def test_per_step_checkpointing_keeps_memory_from_growing_with_the_steps():
     checkpointed_per_step = (checkpointed[1] - checkpointed[0]) / 4
     assert plain_per_step > 100 * state_bytes  # every network activation of every step is kept
     assert checkpointed_per_step <= 1.5 * state_bytes  # only the state at each grid point is kept
+
+
+def test_forward_casts_pixel_values_to_the_model_dtype():
+    model = tiny_classifier().to(torch.bfloat16)
+    logits = model(images()).logits  # float32 pixel values into a bfloat16 model
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert model.prg.flow_matching_loss(images()).dtype == torch.bfloat16
+
+
+def test_random_draws_come_from_the_generator_alone():
+    model = PRGModel(PRGConfig(image_size=8, backbone_config=dict(MINI_UNET), num_steps=2))
+    global_state = torch.random.get_rng_state()
+    losses = [model.flow_matching_loss(images(size=8), generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    samples = [model.generate(2, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # the global stream is untouched
+    assert torch.equal(losses[0], losses[1]) and torch.equal(samples[0], samples[1])

@@ -19,7 +19,7 @@ from prg_hub.finiteness import NonFiniteError, check_finite_weights
 from prg_hub.hub import push_model_to_hub
 from prg_hub.training import NonFiniteLossGuard, list_checkpoints
 
-from test_training import PRETRAIN_ARGS, launch, start, write_shapes
+from test_training import PRETRAIN_ARGS, communicate, launch, start, write_shapes
 
 IMAGE_SIZE = 16
 POISONED = "prg.velocity.network.conv_in.weight"  # the tensor given one NaN
@@ -150,7 +150,7 @@ def test_diverging_pretraining_stops_at_the_first_non_finite_loss(shapes, tmp_pa
     args = ["--dataset", shapes, "--output_dir", output_dir, "--max_train_steps", 8, *PRETRAIN_ARGS,
             "--learning_rate", 1e20, "--max_grad_norm", 0, "--checkpointing_steps", 1, "--skip_nonfinite_steps", 1]
     process = start("pretrain.py", args, num_processes=1)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = communicate(process)
     assert process.returncode == 1, stderr[-3000:]
     # One line from the script says where and what to do (the launcher then reports the exit status).
     message = re.search(r"^pretrain\.py: Step (\d+): the training loss is (nan|inf).*$", stderr, re.MULTILINE)
@@ -167,7 +167,7 @@ def test_finetuning_from_a_flow_with_one_nan_weight_is_refused(shapes, tmp_path)
     poison_saved_weights(flow, POISONED.removeprefix("prg."))
     process = start("finetune.py", ["--model_name_or_path", flow, "--dataset", shapes, "--output_dir", tmp_path / "ft",
                                     "--max_train_steps", 2, "--num_steps", 2], num_processes=1)
-    _, stderr = process.communicate(timeout=300)
+    _, stderr = communicate(process)
     assert process.returncode == 1
     assert f"finetune.py: The pretrained model '{flow}': 1 of" in stderr and "NonFiniteError" not in stderr
     assert not (tmp_path / "ft" / "model.safetensors").exists() and not (tmp_path / "ft" / "best").exists()
@@ -179,7 +179,7 @@ def test_diverging_distributed_finetuning_stops_on_every_process_and_keeps_no_na
                                     "--output_dir", output_dir, "--train_batch_size", 8, "--num_steps", 2,
                                     "--max_train_steps", 6, "--learning_rate", 1e20, "--checkpointing_steps", 1,
                                     "--num_warmup_steps", 0, "--augmentation", "none"])
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = communicate(process)
     assert process.returncode != 0 and "NonFiniteError" not in stderr
     stops = set(re.findall(r"finetune\.py: Step (\d+): the training loss is (?:nan|inf)", stderr))
     assert len(stops) == 1, stderr[-3000:]  # the processes stopped at the same step

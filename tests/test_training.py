@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,11 +104,22 @@ def start(script: str, args: list, num_processes: int = 2, online: bool = False)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if not online:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def communicate(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """`process.communicate`, killing the launcher and every process it started if `timeout` runs out."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = communicate(process)
     assert process.returncode == 0, f"{' '.join(process.args)}\n--- stdout\n{stdout}\n--- stderr\n{stderr[-6000:]}"
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
