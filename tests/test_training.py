@@ -22,6 +22,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -113,8 +114,17 @@ def communicate(process: subprocess.Popen, timeout: float = 300) -> tuple[str, s
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        try:  # torch's launcher starts each worker in a session of its own, which killpg would miss
+            workers = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        for worker in workers:
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
+        process.communicate(timeout=60)
         raise
 
 
