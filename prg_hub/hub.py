@@ -262,8 +262,7 @@ def push_model_to_hub(
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
     with tempfile.TemporaryDirectory(prefix="prg-push-") as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        image_processor.save_pretrained(folder)
-        write_remote_code(folder)
+        image_processor.save_pretrained(folder)  # save_pretrained wrote the code, the processor its auto_map
         card.save(Path(folder) / "README.md")
         return _upload_model_folder(api, folder, repo_id, commit_message or f"Upload {type(model).__name__}",
                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
