@@ -7,12 +7,12 @@
 Runs the example scripts one after another on one device, times each, and scores every model on the whole test
 split with `examples/evaluate.py`:
 
-| row           | what                                                              | device time counted          |
-|---------------|-------------------------------------------------------------------|------------------------------|
-| `prg_otcfm`   | `pretrain.py --path otcfm`, then `finetune.py` from that flow     | pretrain + finetune          |
-| `scratch`     | `finetune.py --from_scratch`, the same steps and batch            | finetune                     |
-| `frozen_head` | `linear_probe.py --method prg_head` on the frozen flow            | pretrain + probe             |
-| `ddae_probe`  | `linear_probe.py --method ddae` (block activations, linear layer) | pretrain + probe             |
+| row           | what                                                                      | device time counted |
+|---------------|---------------------------------------------------------------------------|---------------------|
+| `prg_otcfm`   | `pretrain.py --probability_path otcfm`, then `finetune.py` from that flow | pretrain + finetune |
+| `scratch`     | `finetune.py --from_scratch`, the same steps and batch                    | finetune            |
+| `frozen_head` | `linear_probe.py --method prg_head` on the frozen flow                    | pretrain + probe    |
+| `ddae_probe`  | `linear_probe.py --method ddae` (block activations, linear layer)         | pretrain + probe    |
 
 Each row records its top-1 (the probes': their own score on the whole evaluation split at the end of training),
 its device minutes, the images it trained on (steps × global batch, for probes epochs × training images), the
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from prg_hub.training import describe_machine
+from prg_hub.run_records import describe_machine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ROWS = ("prg_otcfm", "scratch", "frozen_head", "ddae_probe")
@@ -43,7 +43,7 @@ def run(script: str, arguments: list) -> tuple[dict, float, str]:
     """Run examples/<script>; return its summary line as {key: value}, the wall seconds and the command."""
     command = [sys.executable, str(EXAMPLES / script), *map(str, arguments)]
     start = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
@@ -88,7 +88,7 @@ def main() -> None:
     if args.flow is None:
         flow = work / "flow"
         pretrain, pretrain_seconds, pretrain_command = run("pretrain.py", [
-            "--dataset", args.dataset, "--output_dir", flow, "--path", "otcfm", "--backbone", "unet2d",
+            "--dataset", args.dataset, "--output_dir", flow, "--probability_path", "otcfm", "--backbone", "unet2d",
             "--preset", preset, "--train_batch_size", args.pretrain_batch_size,
             "--max_train_steps", args.pretrain_steps, "--use_ema", "--augmentation", "flip",
             "--mixed_precision", args.mixed_precision, "--checkpointing_steps", max(args.pretrain_steps // 2, 1),

@@ -27,7 +27,7 @@ from reliability_images import image_checks
 from reliability_server import server_checks
 from reliability_training import training_checks
 
-from prg_hub.training import describe_machine
+from prg_hub.run_records import describe_machine
 
 CHECKS = {"images": image_checks, "models and training": training_checks, "Hub server": server_checks}
 

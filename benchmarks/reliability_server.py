@@ -11,7 +11,7 @@ the other requests are raw HTTP, sent exactly as written.
 * "server auth": a token file with read, write and admin tokens; whoami, unknown tokens, anonymous and
   token-holding reads and writes of public and private repos, deleting files, branches and repos, unsigned LFS
   uploads, a server without a token file, anonymous writes on a non-loopback host. Correct: the status (and
-  error code) the access rules in `prg_hub.hub_auth` give.
+  error code) the access rules in `prg_hub.hub_server.auth` give.
 * "traversal": commits of unsafe paths (`..`, absolute, backslash, NUL, `.`) and downloads, tree listings and repo
   ids with them, plain and percent-encoded. Correct: 400, the branch head unchanged, nothing written outside the
   root.
@@ -49,9 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prg_hub.hub_auth import TokenFileError
-from prg_hub.hub_server import HubServer
-from prg_hub.hub_storage import Operation
+from prg_hub.hub_server import HubServer, Operation, TokenFileError
 
 TOKENS = {"hf_reader": ("reader", "read"), "hf_writer": ("writer", "write"), "hf_admin": ("boss", "admin")}
 SIZES = {True: {"uploads": 30, "two_server_uploads": 30, "downloads": 8, "kill_rounds": 1},

@@ -27,14 +27,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGModel, default_image_processor
+from prg_hub.checkpointing import list_checkpoints
 from prg_hub.finiteness import NonFiniteError
 from prg_hub.hub_server import serve_hub
-from prg_hub.training import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
 TOKEN = "hf_reliability_admin"
-PRETRAIN_ARGS = ["--image_size", IMAGE_SIZE, "--preset", "tiny", "--backbone", "unet2d", "--path", "otcfm",
+PRETRAIN_ARGS = ["--image_size", IMAGE_SIZE, "--preset", "tiny", "--backbone", "unet2d", "--probability_path", "otcfm",
                  "--train_batch_size", 8, "--learning_rate", 1e-3, "--lr_warmup_steps", 1, "--use_ema",
                  "--sample_every_steps", 1000, "--num_sample_images", 4, "--sample_num_steps", 2]
 
@@ -109,8 +109,9 @@ def shapes_dataset(folder: Path) -> Path:
 
 
 def run(command: list, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(part) for part in command], check=False, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def script(name: str, args: list, num_processes: int = 1) -> list:

@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, default_image_processor
+from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.finiteness import NonFiniteError
-from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.training import describe_machine, write_json
+from prg_hub.run_records import describe_machine, write_json
 
 logger = get_logger(__name__)
 
@@ -82,8 +82,6 @@ def main(argv=None):
     overrides = {k: v for k, v in (("num_steps", args.num_steps), ("feature_t", args.feature_t)) if v is not None}
     model = PRGForImageClassification.from_pretrained(args.model_name_or_path, **overrides)
     model.eval()
-    image_size = model.config.image_size
-    processor = default_image_processor(image_size)
 
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, label_column=args.label_column, cache_dir=args.cache_dir
@@ -98,12 +96,13 @@ def main(argv=None):
     if model_names != image_data.label_names:
         logger.warning(f"Class names differ: model {model_names[:5]}..., dataset {image_data.label_names[:5]}...")
     split_name = image_data.split_name(args.split)
-    dataset = ImageClassificationDataset(
-        image_data.split(split_name, args.max_eval_samples), image_data.image_column, image_data.label_column, processor
-    )
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
-        collate_fn=collate_readable,
+    _, dataloader = get_dataloaders(
+        image_data,
+        default_image_processor(model.config.image_size),
+        eval_split=split_name,
+        eval_batch_size=args.batch_size,
+        max_eval_samples=args.max_eval_samples,
+        num_workers=args.dataloader_num_workers,
     )
     model, dataloader = accelerator.prepare(model, dataloader)
 

@@ -6,16 +6,18 @@
 Model: x_0 = image (B, 3, H, W) in [-1, 1]; x_t = ODESolve(v_θ, x_0, 0 → feature_t, num_steps); the PRG head
 maps AvgPool16(x_t) (B, 768) to logits (B, num_labels). Loss:
     L = CE(logits, y; label smoothing) + β · L_FM(x_0)          β = --fm_loss_weight
-Optimiser: AdamW (default lr = 1.25e-4 · global batch / 512, as the official recipe), cosine decay after a
-linear warm-up. The gradient flows through every solver step (exact backprop, optionally with per-step
-checkpointing) or through torchdiffeq's adjoint (--adjoint; approximate).
+Optimiser: AdamW (default lr = 1.25e-4 · global batch / 512, as the official recipe), a linear warm-up from
+--warmup_start_lr_ratio · lr, then a cosine decay to --min_lr_ratio · lr (prg_hub/lr_schedules.py). The gradient
+flows through every solver step (exact backprop, optionally with per-step checkpointing) or through torchdiffeq's
+adjoint (--adjoint; approximate).
 
 Distributed: each process takes its shard of every global batch (per-process --train_batch_size) and Accelerate
 averages the gradients, so N processes with batch b train exactly as one process with batch N·b.
 
 Outputs in --output_dir: the final classifier, `best/` (highest top-1 on the evaluation split, evaluated after
-every epoch), `checkpoints/checkpoint-<N>`, `args.json`, `metrics.json` (per-epoch history). Both models load
-with `PRGForImageClassification.from_pretrained` and `pipeline("image-classification", ...)`.
+every epoch and at the end of the run), `checkpoints/checkpoint-<N>` (with `trainer_state.json`: the evaluations
+so far), `args.json`, `metrics.json` (per-epoch history). Both models load with
+`PRGForImageClassification.from_pretrained` and `pipeline("image-classification", ...)`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,27 +33,20 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, default_image_processor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
-from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.hub import push_training_output
+from prg_hub.checkpointing import save_checkpoint
+from prg_hub.data import get_dataloaders, load_image_dataset
+from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard, check_finite_weights
+from prg_hub.lr_schedules import warmup_cosine_schedule
 from prg_hub.presets import PRESETS, backbone_preset
-from prg_hub.finiteness import NonFiniteError, check_finite_weights
-from prg_hub.training import (
-    BatchRecord,
-    NonFiniteLossGuard,
-    checkpoint_step,
-    parse_args_with_recipe,
-    resolve_checkpoint,
-    resume_position,
-    save_checkpoint,
-    save_model,
-    write_json,
-)
+from prg_hub.recipes import parse_args_with_recipe
+from prg_hub.reproducibility import BatchRecord
+from prg_hub.run_records import push_training_output, save_model, write_json
+from prg_hub.training_loop import TrainingProgress
 
 logger = get_logger(__name__)
 TRAINER_STATE = "trainer_state.json"  # best top-1 and history, saved beside each checkpoint
@@ -64,11 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--model_name_or_path", default=None, help="Pretrained flow: local folder or Hub id.")
     model.add_argument("--from_scratch", action="store_true",
                        help="No pretraining: a randomly initialised network (the architecture of "
-                            "--model_name_or_path, or of --backbone/--preset/--path when that is omitted).")
+                            "--model_name_or_path, or of --backbone/--preset/--probability_path when that is "
+                            "omitted).")
     model.add_argument("--backbone", choices=sorted(BACKBONES), default="unet2d", help="With --from_scratch only.")
     model.add_argument("--preset", choices=PRESETS, default="small", help="With --from_scratch only.")
-    model.add_argument("--path", choices=sorted(PATHS), default="otcfm", help="With --from_scratch only.")
+    model.add_argument("--probability_path", choices=sorted(PATHS), default="otcfm",
+                       help="With --from_scratch only.")
     model.add_argument("--image_size", type=int, default=32, help="With --from_scratch only.")
+    model.add_argument("--dropout", type=float, default=None,
+                       help="With --from_scratch only: dropout of the network (default: the preset's or the "
+                            "pretrained config's; the released code: 0).")
     model.add_argument("--feature_t", type=float, default=1.0, help="Time of the representation x_t (1 is noise).")
     model.add_argument("--num_steps", type=int, default=20, help="Solver steps from t = 0 to feature_t.")
     model.add_argument("--solver", choices=SOLVERS, default="euler")
@@ -76,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--adjoint", action="store_true", help="torchdiffeq adjoint gradients (approximate).")
     model.add_argument("--fm_loss_weight", type=float, default=0.0, help="β in CE + β·L_FM.")
     model.add_argument("--label_smoothing", type=float, default=0.1)
+    model.add_argument("--head_bias", action=argparse.BooleanOptionalAction, default=True,
+                       help="A bias in the head's last Linear (the released code has none: --no-head_bias).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="Hub dataset id or local folder (parquet or imagefolder).")
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--weight_decay", type=float, default=0.05)
     optim.add_argument("--num_warmup_epochs", type=float, default=5.0)
     optim.add_argument("--num_warmup_steps", type=int, default=None, help="Overrides --num_warmup_epochs.")
+    optim.add_argument("--warmup_start_lr_ratio", type=float, default=0.0,
+                       help="The warm-up starts at this fraction of the learning rate (released: 1e-3).")
+    optim.add_argument("--min_lr_ratio", type=float, default=0.0,
+                       help="The cosine ends at this fraction of the learning rate (released: 1e-2).")
     optim.add_argument("--skip_nonfinite_steps", type=int, default=0,
                        help="Skip up to N optimizer steps whose loss is NaN or Inf (no update) before stopping.")
     optim.add_argument("--max_grad_norm", type=float, default=0.0, help="Gradient clipping; 0 disables it.")
@@ -112,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpoints_total_limit", type=int, default=None)
     run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     run.add_argument("--report_to", default=None, help="Accelerate tracker, e.g. tensorboard or wandb.")
+    run.add_argument("--record_batches", action="store_true",
+                     help="Record a SHA-256 digest of the global batches in metrics.json (one gather per step).")
     run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
     run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
     args = parse_args_with_recipe(parser, argv)
@@ -124,6 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.skip_nonfinite_steps < 0:
         parser.error(f"--skip_nonfinite_steps must be >= 0, got {args.skip_nonfinite_steps}.")
+    if args.dropout is not None and not args.from_scratch:
+        parser.error("--dropout sets the dropout of a network trained --from_scratch; a pretrained flow keeps its own.")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        parser.error(f"--dropout is a probability in [0, 1), got {args.dropout}.")
+    for name in ("warmup_start_lr_ratio", "min_lr_ratio"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name} is a fraction of the learning rate, in [0, 1]; got {getattr(args, name)}.")
     return args
 
 
@@ -139,6 +153,7 @@ def build_model(args, label_names: list[str]) -> PRGForImageClassification:
         "adjoint": args.adjoint,
         "fm_loss_weight": args.fm_loss_weight,
         "label_smoothing": args.label_smoothing,
+        "head_bias": args.head_bias,
     }
     if not args.from_scratch:
         model = PRGForImageClassification.from_pretrained(args.model_name_or_path, **classifier_config)
@@ -146,11 +161,13 @@ def build_model(args, label_names: list[str]) -> PRGForImageClassification:
         return model
     if args.model_name_or_path is not None:
         config = PRGConfig.from_pretrained(args.model_name_or_path, **classifier_config)
+        if args.dropout is not None:
+            config.backbone_config["dropout"] = args.dropout
     else:
         config = PRGConfig(
             backbone_type=args.backbone,
-            backbone_config=backbone_preset(args.backbone, args.preset, args.image_size),
-            path=args.path,
+            backbone_config=backbone_preset(args.backbone, args.preset, args.image_size, dropout=args.dropout),
+            probability_path=args.probability_path,
             **classifier_config,
         )
     return PRGForImageClassification(config)
@@ -180,9 +197,9 @@ def evaluate(model, dataloader, accelerator, step: int) -> float:
     return correct / total
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def training_function(args: argparse.Namespace) -> None:
+    """Data, classifier and optimizer through `accelerator.prepare`, the training loop with an evaluation at the end
+    of every epoch, then the final and best models and their records."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -205,33 +222,20 @@ def main(argv=None):
     model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
-    processor = default_image_processor(image_size)
-    train_dataset = ImageClassificationDataset(
-        image_data.split(args.train_split, args.max_train_samples),
-        image_data.image_column,
-        image_data.label_column,
-        processor,
-        TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing),
+    train_dataloader, eval_dataloader = get_dataloaders(
+        image_data,
+        default_image_processor(image_size),
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        train_batch_size=args.train_batch_size,
+        eval_batch_size=args.eval_batch_size,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        augmentation=TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing),
         seed=args.seed,
-    )
-    eval_dataset = ImageClassificationDataset(
-        image_data.split(args.eval_split, args.max_eval_samples),
-        image_data.image_column,
-        image_data.label_column,
-        processor,
-    )
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        collate_fn=collate_readable,
-        batch_size=args.train_batch_size,
-        shuffle=True,
         num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG for the model (see pretrain.py)
     )
-    eval_dataloader = torch.utils.data.DataLoader(
-        eval_dataset, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
-        collate_fn=collate_readable,
-    )
+    num_train, num_eval = len(train_dataloader.dataset), len(eval_dataloader.dataset)
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate if args.learning_rate is not None else 1.25e-4 * global_batch / 512
@@ -239,129 +243,127 @@ def main(argv=None):
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    batches_per_epoch = len(train_dataloader)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    progress = TrainingProgress(
+        len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
+    )
     num_warmup_steps = (
-        args.num_warmup_steps if args.num_warmup_steps is not None else round(args.num_warmup_epochs * steps_per_epoch)
+        args.num_warmup_steps if args.num_warmup_steps is not None
+        else round(args.num_warmup_epochs * progress.steps_per_epoch)
     )
-    lr_scheduler = accelerator.prepare(
-        get_scheduler("cosine", optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=max_train_steps)
-    )
+    lr_scheduler = accelerator.prepare(warmup_cosine_schedule(
+        optimizer, num_warmup_steps, progress.max_train_steps,
+        warmup_start_lr_ratio=args.warmup_start_lr_ratio, min_lr_ratio=args.min_lr_ratio,
+    ))
     if args.report_to:
         accelerator.init_trackers("prg-finetune", config={k: v for k, v in vars(args).items() if v is not None})
     logger.info(
-        f"{len(train_dataset)} train / {len(eval_dataset)} eval images, {len(image_data.label_names)} classes, "
-        f"global batch {global_batch}, lr {learning_rate:.3g}, {steps_per_epoch} steps per epoch, "
-        f"{max_train_steps} steps, {num_warmup_steps} warm-up steps"
+        f"{num_train} train / {num_eval} eval images, {len(image_data.label_names)} classes, "
+        f"global batch {global_batch}, lr {learning_rate:.3g}, {progress.steps_per_epoch} steps per epoch, "
+        f"{progress.max_train_steps} steps, {num_warmup_steps} warm-up steps"
     )
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    # The evaluations so far; a checkpoint is saved after the evaluation of its step, so it carries them.
     trainer_state = {"best_top1": -1.0, "best_epoch": None, "history": []}
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    checkpoint = progress.resume(accelerator, output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch, skip_batches = resume_position(global_step, batches_per_epoch, args.gradient_accumulation_steps)
         trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
+        evaluated_steps = [record["step"] for record in trainer_state["history"]]
+        if progress.finished and progress.global_step not in evaluated_steps:
+            raise ValueError(
+                f"{checkpoint} is at step {progress.global_step}, at or past --max_train_steps "
+                f"{progress.max_train_steps}, and its model was never evaluated, so the run has nothing to train and "
+                "no final accuracy. Resume with a larger --max_train_steps, or from the run's final checkpoint."
+            )
 
-    batch_record = BatchRecord()
-    nonfinite_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="finetune", disable=not accelerator.is_local_main_process
-    )
+    batch_record = BatchRecord() if args.record_batches else None
+    loss_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
+    progress_bar = tqdm(total=progress.max_train_steps, initial=progress.global_step, desc="finetune",
+                        disable=not accelerator.is_local_main_process)
     start_time = time.perf_counter()
     model.train()
-    for epoch in range(first_epoch, num_train_epochs):
-        if global_step >= max_train_steps:
-            break
-        train_dataset.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-            batches.set_epoch(epoch)  # the epoch's shuffle (older accelerate restarts at epoch 0's)
+    for epoch in progress.remaining_epochs():
         epoch_loss, epoch_batches = torch.zeros((), device=accelerator.device), 0
-        for batch in batches:
+        for batch in progress.epoch_batches(accelerator, train_dataloader, epoch):
             with accelerator.accumulate(model):
                 loss = model(batch["pixel_values"], labels=batch["labels"]).loss
                 accelerator.backward(loss)
-                nonfinite_guard.observe(loss)
+                loss_guard.observe(loss)
                 # On the last micro-batch of a step: update only if every loss of the step was finite.
-                if not accelerator.sync_gradients or nonfinite_guard.step_is_finite(global_step + 1):
+                if not accelerator.sync_gradients or loss_guard.step_is_finite(progress.global_step + 1):
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad()
             epoch_loss += loss.detach()
             epoch_batches += 1
-            batch_record.add_batch(accelerator, batch["index"])
+            if batch_record is not None:
+                batch_record.add_batch(batch["index"])
             if not accelerator.sync_gradients:
                 continue
-            batch_record.end_step()
-            lr_scheduler.step()
-            global_step += 1
-            progress.update(1)
-            epoch_done = global_step % steps_per_epoch == 0 or global_step >= max_train_steps
-            if global_step % args.checkpointing_steps == 0 and not epoch_done:
-                save_checkpoint(accelerator, model, output_dir, global_step, args.checkpoints_total_limit,
-                                extra_json={TRAINER_STATE: trainer_state})
-            if global_step >= max_train_steps:
-                break
 
-        # The epoch (or the run) ended: score it, keep the best model.
-        top1 = evaluate(model, eval_dataloader, accelerator, global_step)
-        train_loss = accelerator.reduce(epoch_loss / max(epoch_batches, 1), reduction="mean").item()
-        record = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "eval_top1": top1}
-        trainer_state["history"].append(record)
-        accelerator.log(record, step=global_step)
-        progress.set_postfix(loss=f"{train_loss:.4f}", top1=f"{top1:.4f}")
-        logger.info(f"epoch {epoch}: step {global_step} train_loss {train_loss:.4f} eval_top1 {top1:.4f}")
-        if top1 > trainer_state["best_top1"]:
-            trainer_state.update(best_top1=top1, best_epoch=epoch)
-            if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), output_dir / "best")
-        if global_step % args.checkpointing_steps == 0:  # after the evaluation, so the checkpoint holds it
-            save_checkpoint(accelerator, model, output_dir, global_step, args.checkpoints_total_limit,
-                            extra_json={TRAINER_STATE: trainer_state})
-    progress.close()
-    if not trainer_state["history"]:  # resumed from a finished run: score the model as it is
-        trainer_state["history"].append({"epoch": None, "step": global_step, "train_loss": None,
-                                         "eval_top1": evaluate(model, eval_dataloader, accelerator, global_step)})
-        trainer_state["best_top1"] = max(trainer_state["best_top1"], trainer_state["history"][-1]["eval_top1"])
+            # An optimizer step ended (a skipped non-finite one too: it still counts).
+            lr_scheduler.step()
+            if batch_record is not None:
+                batch_record.end_step(accelerator)
+            progress.global_step += 1
+            progress_bar.update(1)
+            if progress.epoch_finished:  # the step ended an epoch or the run: score the model, keep the best
+                top1 = evaluate(model, eval_dataloader, accelerator, progress.global_step)
+                train_loss = accelerator.reduce(epoch_loss / epoch_batches, reduction="mean").item()
+                record = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss, "eval_top1": top1}
+                trainer_state["history"].append(record)
+                accelerator.log(record, step=progress.global_step)
+                progress_bar.set_postfix(loss=f"{train_loss:.4f}", top1=f"{top1:.4f}")
+                logger.info(f"epoch {epoch}: step {progress.global_step} train_loss {train_loss:.4f} "
+                            f"eval_top1 {top1:.4f}")
+                if top1 > trainer_state["best_top1"]:
+                    trainer_state.update(best_top1=top1, best_epoch=epoch)
+                    if accelerator.is_main_process:
+                        save_model(accelerator.unwrap_model(model), output_dir / "best")
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, model, output_dir, progress.global_step, args.checkpoints_total_limit,
+                                extra_json={TRAINER_STATE: trainer_state})
+            if progress.finished:
+                break
+    progress_bar.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), output_dir)
         history = trainer_state["history"]
         metrics = {
-            "steps": global_step,
+            "steps": progress.global_step,
             "best_top1": trainer_state["best_top1"],
             "best_epoch": trainer_state["best_epoch"],
             "final_top1": history[-1]["eval_top1"],
             "history": history,
             "eval_split": image_data.split_name(args.eval_split),
-            "eval_split_size": len(eval_dataset),
+            "eval_split_size": num_eval,
             "global_batch_size": global_batch,
             "learning_rate": learning_rate,
             "num_processes": accelerator.num_processes,
-            "global_batches_sha256": batch_record.global_sha256,
             "pretrained": None if args.from_scratch else args.model_name_or_path,
             "train_seconds": time.perf_counter() - start_time,
         }
+        if batch_record is not None:
+            metrics["global_batches_sha256"] = batch_record.global_sha256
         write_json(output_dir / "metrics.json", metrics)
         if args.push_to_hub:
             commit = push_training_output(output_dir, args.hub_model_id)
             logger.info(f"Pushed {output_dir} to {commit.commit_url}")
         print(
             f"finetune: best_top1={metrics['best_top1']:.4f} final_top1={metrics['final_top1']:.4f} "
-            f"steps={global_step} from={'scratch' if args.from_scratch else args.model_name_or_path} "
+            f"steps={progress.global_step} from={'scratch' if args.from_scratch else args.model_name_or_path} "
             f"output_dir={output_dir}"
         )
     accelerator.wait_for_everyone()  # every process tears the process group down together
     accelerator.end_training()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    training_function(args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from prg_hub import SOLVERS, PRGModel
-from prg_hub.training import save_image_grid, to_pil_images
+from prg_hub.image_grid import save_image_grid, to_pil_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:

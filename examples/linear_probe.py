@@ -39,9 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prg_hub import PRGForImageClassification, default_image_processor
+from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.finiteness import NonFiniteError
-from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.training import save_model, write_json
+from prg_hub.run_records import save_model, write_json
 
 logger = get_logger(__name__)
 METHODS = ("prg_head", "ddae")
@@ -132,12 +132,9 @@ class LinearProbe(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(feature_fn, dataset, args, accelerator, description: str) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(feature_fn, dataloader, accelerator, description: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) and labels (N,) of a whole split, in dataset order, on every process."""
-    dataloader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.feature_batch_size, num_workers=args.dataloader_num_workers,
-        collate_fn=collate_readable,
-    ))
+    dataloader = accelerator.prepare(dataloader)
     features, labels, indices = [], [], []
     for batch in tqdm(dataloader, desc=description, disable=not accelerator.is_local_main_process):
         batch_features = feature_fn(batch["pixel_values"], batch["index"])
@@ -193,21 +190,28 @@ def main(argv=None):
     )
     model.requires_grad_(False).eval()
     prg = accelerator.prepare_model(model.prg, evaluation_mode=True)
-    image_size = model.config.image_size
-    processor = default_image_processor(image_size)
 
     if args.method == "prg_head":
         def feature_fn(pixel_values, indices):
             return prg(pixel_values).pooler_output
     else:
         feature_fn = DDAEFeatures(accelerator.unwrap_model(prg), args.block, args.noise_t, args.seed)
-    splits = {}
-    for role, split_name, max_samples in (("train", args.train_split, args.max_train_samples),
-                                          ("eval", args.eval_split, args.max_eval_samples)):
-        dataset = ImageClassificationDataset(
-            image_data.split(split_name, max_samples), image_data.image_column, image_data.label_column, processor
-        )
-        splits[role] = extract_features(feature_fn, dataset, args, accelerator, f"features ({role})")
+    train_dataloader, eval_dataloader = get_dataloaders(
+        image_data,
+        default_image_processor(model.config.image_size),
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        train_batch_size=args.feature_batch_size,
+        eval_batch_size=args.feature_batch_size,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        shuffle=False,  # features are cached in dataset order
+        num_workers=args.dataloader_num_workers,
+    )
+    splits = {
+        "train": extract_features(feature_fn, train_dataloader, accelerator, "features (train)"),
+        "eval": extract_features(feature_fn, eval_dataloader, accelerator, "features (eval)"),
+    }
     train_features = splits["train"][0]
 
     if args.method == "prg_head":

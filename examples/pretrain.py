@@ -1,18 +1,19 @@
 """Flow-matching pretraining of a PRG velocity network, with Accelerate.
 
-    accelerate launch examples/pretrain.py --dataset uoft-cs/cifar10 --path otcfm --backbone unet2d \
+    accelerate launch examples/pretrain.py --dataset uoft-cs/cifar10 --probability_path otcfm --backbone unet2d \
         --preset paper --image_size 32 --train_batch_size 128 --num_train_epochs 2000 --output_dir runs/otcfm-c10
 
-Objective: for images x (B, 3, H, W) in [-1, 1], noise ε ~ N(0, I) and t ~ U[0, 1],
+Objective (`PRGForFlowMatching`): for images x (B, 3, H, W) in [-1, 1], noise ε ~ N(0, I) and t ~ U[0, 1],
     L_FM = mean over all elements of (v_θ(α_t·x + σ_t·ε, t) − (α'_t·x + σ'_t·ε))²
-with (α, σ) and the coupling of (x, ε) given by --path (gvp, icfm, otcfm; see prg_hub/paths.py).
+with (α, σ) and the coupling of (x, ε) given by --probability_path (gvp, icfm, otcfm; see prg_hub/paths.py).
 
 One optimizer step sees train_batch_size · num_processes · gradient_accumulation_steps images; every process
 draws its own batch and its own noise (the seed is offset by the process index), and Accelerate averages the
-gradients, so every process holds the same weights. The final `metrics.json` records, per process, a SHA-256 of
-the weights, a SHA-256 of the sample indices it trained on and its mean loss.
+gradients, so every process holds the same weights. The final `metrics.json` records, per process, its mean loss
+and, with --record_batches, a SHA-256 of its weights and of the sample indices it trained on.
 
-Outputs in --output_dir: the model (`PRGModel.from_pretrained(output_dir)`; EMA weights when --use_ema),
+Outputs in --output_dir: the model (`PRGForFlowMatching`, which `PRGModel.from_pretrained(output_dir)` and
+`PRGForImageClassification.from_pretrained(output_dir)` load too; EMA weights when --use_ema),
 `preprocessor_config.json`, `samples/step-<N>.png` grids, `checkpoints/checkpoint-<N>` (full training state),
 `args.json` and `metrics.json`. The last line printed is a one-line summary.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,29 +34,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from prg_hub import PATHS, PRGConfig, PRGModel, default_image_processor
+from prg_hub import PATHS, PRGConfig, PRGForFlowMatching, default_image_processor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
-from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.hub import push_training_output
+from prg_hub.checkpointing import save_checkpoint
+from prg_hub.data import get_dataloaders, load_image_dataset
+from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard
+from prg_hub.image_grid import save_image_grid
 from prg_hub.presets import PRESETS, backbone_preset
-from prg_hub.finiteness import NonFiniteError
-from prg_hub.training import (
-    EMA_STATE_FILE,
-    BatchRecord,
-    NonFiniteLossGuard,
-    FlowMatchingObjective,
-    checkpoint_step,
-    load_ema_state,
-    parameters_sha256,
-    parse_args_with_recipe,
-    resolve_checkpoint,
-    resume_position,
-    save_checkpoint,
-    save_image_grid,
-    save_model,
-    write_json,
-)
+from prg_hub.recipes import parse_args_with_recipe
+from prg_hub.reproducibility import BatchRecord, parameters_sha256
+from prg_hub.run_records import push_training_output, save_model, write_json
+from prg_hub.training_loop import TrainingProgress
 
 logger = get_logger(__name__)
 
@@ -70,13 +59,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
     data.add_argument("--image_size", type=int, default=32)
     data.add_argument("--augmentation", choices=AUGMENTATIONS, default="flip")
+    data.add_argument("--random_erasing", type=float, default=0.0,
+                      help="Probability of random erasing after normalisation (released code: 0.25).")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--path", choices=sorted(PATHS), default="otcfm", help="Flow-matching path.")
+    model.add_argument("--probability_path", choices=sorted(PATHS), default="otcfm",
+                       help="Flow-matching probability path (prg_hub/paths.py).")
     model.add_argument("--backbone", choices=sorted(BACKBONES), default="unet2d")
     model.add_argument("--preset", choices=PRESETS, default="small", help="Network size (prg_hub/presets.py).")
+    model.add_argument("--dropout", type=float, default=None,
+                       help="Dropout of the network (default: the preset's; the released code: 0).")
+    model.add_argument("--time_scale", type=float, default=1000.0,
+                       help="The network sees the timestep time_scale · t, t in [0, 1] (released code: 1).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=128, help="Per-process batch size.")
@@ -108,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--sample_num_steps", type=int, default=20, help="Euler steps of the sampling ODE.")
     run.add_argument("--logging_steps", type=int, default=50, help="Average the reported loss over N steps.")
     run.add_argument("--report_to", default=None, help="Accelerate tracker, e.g. tensorboard or wandb.")
+    run.add_argument("--record_batches", action="store_true",
+                     help="Record SHA-256 digests of the samples every step trained on and of the weights in "
+                          "metrics.json (one gather per optimizer step).")
     run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
     run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
     args = parse_args_with_recipe(parser, argv)
@@ -119,18 +118,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.skip_nonfinite_steps < 0:
         parser.error(f"--skip_nonfinite_steps must be >= 0, got {args.skip_nonfinite_steps}.")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        parser.error(f"--dropout is a probability in [0, 1), got {args.dropout}.")
+    if not args.time_scale > 0:
+        parser.error(f"--time_scale must be > 0, got {args.time_scale}.")
     return args
 
 
 @torch.no_grad()
-def save_samples(prg: PRGModel, ema: EMAModel | None, args, step: int) -> Path:
+def save_samples(model: PRGForFlowMatching, ema: EMAModel | None, args, step: int) -> Path:
     """Generate a grid with a fixed generator (EMA weights when kept) and save it as samples/step-<step>.png."""
-    parameters = list(prg.parameters())
+    parameters = list(model.parameters())
     if ema is not None:
         ema.store(parameters)
         ema.copy_to(parameters)
-    generator = torch.Generator(device=prg.device).manual_seed(args.seed)
-    images = prg.generate(args.num_sample_images, num_steps=args.sample_num_steps, generator=generator)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    images = model.prg.generate(args.num_sample_images, num_steps=args.sample_num_steps, generator=generator)
     if ema is not None:
         ema.restore(parameters)
     path = Path(args.output_dir) / "samples" / f"step-{step}.png"
@@ -138,9 +141,8 @@ def save_samples(prg: PRGModel, ema: EMAModel | None, args, step: int) -> Path:
     return path
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def training_function(args: argparse.Namespace) -> None:
+    """Data, model and optimizer through `accelerator.prepare`, the training loop, then the model and its records."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -150,66 +152,59 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logger.info(accelerator.state, main_process_only=False)
+    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output_dir) / "args.json", vars(args))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "args.json", vars(args))
 
     # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch.
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
     )
-    processor = default_image_processor(args.image_size)
-    train_dataset = ImageClassificationDataset(
-        image_data.split(args.train_split, args.max_train_samples),
-        image_data.image_column,
-        None,
-        processor,
-        TrainAugmentation(args.augmentation, args.image_size),
-        seed=args.seed,
-    )
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        collate_fn=collate_readable,
-        batch_size=args.train_batch_size,
-        shuffle=True,
+    train_dataloader, _ = get_dataloaders(
+        image_data,
+        default_image_processor(args.image_size),
+        train_split=args.train_split,
+        train_batch_size=args.train_batch_size,
+        max_train_samples=args.max_train_samples,
+        augmentation=TrainAugmentation(args.augmentation, args.image_size, random_erasing=args.random_erasing),
         drop_last=True,
+        labels=False,
+        seed=args.seed,
         num_workers=args.dataloader_num_workers,
-        # Its own generator: creating an epoch's iterator then never draws from the global RNG (the noise source),
-        # so a resumed run draws exactly the noise an uninterrupted one does.
-        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # Model: identical initialisation on every process; then a different noise stream per process.
     set_seed(args.seed)
     config = PRGConfig(
         backbone_type=args.backbone,
-        backbone_config=backbone_preset(args.backbone, args.preset, args.image_size),
-        path=args.path,
+        backbone_config=backbone_preset(args.backbone, args.preset, args.image_size, dropout=args.dropout),
+        probability_path=args.probability_path,
+        time_scale=args.time_scale,
     )
-    prg = PRGModel(config)
-    initial_sha256 = parameters_sha256(prg)
-    objective = FlowMatchingObjective(prg)
-    ema = EMAModel(prg.parameters(), decay=args.ema_decay) if args.use_ema else None
+    model = PRGForFlowMatching(config)
+    initial_sha256 = parameters_sha256(model) if args.record_batches else None
+    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
     set_seed(args.seed, device_specific=True)
 
     optimizer = torch.optim.AdamW(
-        prg.parameters(),
+        model.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
     )
-    objective, optimizer, train_dataloader = accelerator.prepare(objective, optimizer, train_dataloader)
-    batches_per_epoch = len(train_dataloader)
-    if batches_per_epoch == 0:
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if len(train_dataloader) == 0:
         raise ValueError(
-            f"The training split has {len(train_dataset)} images, fewer than one global batch of "
+            f"The training split has {len(train_dataloader.dataset)} images, fewer than one global batch of "
             f"{args.train_batch_size * accelerator.num_processes}; lower --train_batch_size."
         )
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    progress = TrainingProgress(
+        len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
+    )
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=progress.max_train_steps,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     if ema is not None:
@@ -217,122 +212,114 @@ def main(argv=None):
     if args.report_to:
         accelerator.init_trackers("prg-pretrain", config={k: v for k, v in vars(args).items() if v is not None})
 
+    unwrapped = accelerator.unwrap_model(model)
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"{len(train_dataset)} images, {sum(p.numel() for p in prg.parameters()) / 1e6:.2f}M parameters, "
-        f"global batch {global_batch}, {steps_per_epoch} steps per epoch, {max_train_steps} steps"
+        f"{len(train_dataloader.dataset)} images, {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
+        f"global batch {global_batch}, {progress.steps_per_epoch} steps per epoch, {progress.max_train_steps} steps"
     )
+    progress.resume(accelerator, output_dir, args.resume_from_checkpoint, ema=ema)
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if ema is not None:
-            load_ema_state(ema, checkpoint / EMA_STATE_FILE, accelerator.device)
-        global_step = checkpoint_step(checkpoint)
-        first_epoch, skip_batches = resume_position(global_step, batches_per_epoch, args.gradient_accumulation_steps)
-        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("No checkpoint yet: starting a new run")
-
-    progress = tqdm(
-        total=max_train_steps, initial=global_step, desc="pretrain", disable=not accelerator.is_local_main_process
-    )
-    unwrapped = accelerator.unwrap_model(objective).prg
+    progress_bar = tqdm(total=progress.max_train_steps, initial=progress.global_step, desc="pretrain",
+                        disable=not accelerator.is_local_main_process)
     window_losses: list[torch.Tensor] = []  # losses of the micro-batches since the last report
     window_loss, local_loss_sum, local_batches = float("nan"), torch.zeros((), device=accelerator.device), 0
-    batch_record = BatchRecord()
-    nonfinite_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
+    batch_record = BatchRecord() if args.record_batches else None
+    loss_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
     start_time = time.perf_counter()
-    objective.train()
-    for epoch in range(first_epoch, num_train_epochs):
-        if global_step >= max_train_steps:
-            break
-        train_dataset.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-            batches.set_epoch(epoch)  # the epoch's shuffle (older accelerate restarts at epoch 0's)
-        for batch in batches:
-            with accelerator.accumulate(objective):
-                loss = objective(batch["pixel_values"])
+    model.train()
+    for epoch in progress.remaining_epochs():
+        for batch in progress.epoch_batches(accelerator, train_dataloader, epoch):
+            with accelerator.accumulate(model):
+                loss = model(batch["pixel_values"]).loss
                 accelerator.backward(loss)
-                nonfinite_guard.observe(loss)
+                loss_guard.observe(loss)
                 # On the last micro-batch of a step: update only if every loss of the step was finite.
-                update = not accelerator.sync_gradients or nonfinite_guard.step_is_finite(global_step + 1)
+                update = not accelerator.sync_gradients or loss_guard.step_is_finite(progress.global_step + 1)
                 if update:
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad()
             local_loss_sum += loss.detach()
             local_batches += 1
-            batch_record.add_batch(accelerator, batch["index"])
             window_losses.append(loss.detach())
+            if batch_record is not None:
+                batch_record.add_batch(batch["index"])
             if not accelerator.sync_gradients:
                 continue
 
-            batch_record.end_step()
+            # An optimizer step ended (a skipped non-finite one too: it still counts).
             lr_scheduler.step()
             if ema is not None and update:
                 ema.step(unwrapped.parameters())
-            global_step += 1
-            progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+            if batch_record is not None:
+                batch_record.end_step(accelerator)
+            progress.global_step += 1
+            progress_bar.update(1)
+            if progress.global_step % args.logging_steps == 0 or progress.finished:
                 window_loss = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
                 window_losses = []
-                logs = {"fm_loss": window_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-                progress.set_postfix(fm_loss=f"{window_loss:.4f}")
-                accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, objective, args.output_dir, global_step, args.checkpoints_total_limit,
+                progress_bar.set_postfix(fm_loss=f"{window_loss:.4f}")
+                accelerator.log({"fm_loss": window_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch},
+                                step=progress.global_step)
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, model, output_dir, progress.global_step, args.checkpoints_total_limit,
                                 ema=ema)
-            if global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
-                save_samples(unwrapped, ema, args, global_step)
-            if global_step >= max_train_steps:
+            if progress.global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
+                save_samples(unwrapped, ema, args, progress.global_step)
+            if progress.finished:
                 break
-    progress.close()
+    progress_bar.close()
     train_seconds = time.perf_counter() - start_time
 
     # Every process reports its own view: identical weights although each trained on different samples and noise.
-    process_records = gather_object([{
+    process_record = {
         "process_index": accelerator.process_index,
-        "parameters_sha256": parameters_sha256(unwrapped),
         "num_batches": local_batches,
         "mean_fm_loss": local_loss_sum.item() / max(local_batches, 1),
-        "sample_indices_sha256": batch_record.local_sha256,
-    }])
+    }
+    if batch_record is not None:
+        process_record.update(parameters_sha256=parameters_sha256(unwrapped),
+                              sample_indices_sha256=batch_record.local_sha256)
+    process_records = gather_object([process_record])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        save_model(unwrapped, args.output_dir)
-        grid = save_samples(unwrapped, None, args, global_step)
+        save_model(unwrapped, output_dir)
+        grid = save_samples(unwrapped, None, args, progress.global_step)
         metrics = {
-            "steps": global_step,
-            "epochs": global_step / steps_per_epoch,
+            "steps": progress.global_step,
+            "epochs": progress.epochs_done,
             "final_fm_loss": window_loss,
             "weights": "ema" if ema is not None else "raw",
             "global_batch_size": global_batch,
             "num_processes": accelerator.num_processes,
-            "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+            "num_parameters": unwrapped.num_parameters(),
             "train_seconds": train_seconds,
-            "initial_parameters_sha256": initial_sha256,
             "processes": process_records,
-            "global_batches_sha256": batch_record.global_sha256,
             "sample_grid": str(grid),
         }
-        write_json(Path(args.output_dir) / "metrics.json", metrics)
+        if batch_record is not None:
+            metrics.update(initial_parameters_sha256=initial_sha256, global_batches_sha256=batch_record.global_sha256)
+        write_json(output_dir / "metrics.json", metrics)
         if args.push_to_hub:
-            commit = push_training_output(args.output_dir, args.hub_model_id)
-            logger.info(f"Pushed {args.output_dir} to {commit.commit_url}")
+            commit = push_training_output(output_dir, args.hub_model_id)
+            logger.info(f"Pushed {output_dir} to {commit.commit_url}")
         print(
-            f"pretrain: steps={global_step} final_fm_loss={window_loss:.4f} path={args.path} "
-            f"backbone={args.backbone}-{args.preset} weights={metrics['weights']} output_dir={args.output_dir}"
+            f"pretrain: steps={progress.global_step} final_fm_loss={window_loss:.4f} "
+            f"probability_path={args.probability_path} backbone={args.backbone}-{args.preset} "
+            f"weights={metrics['weights']} output_dir={output_dir}"
         )
     accelerator.wait_for_everyone()  # every process tears the process group down together
     accelerator.end_training()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    training_function(args)
 
 
 if __name__ == "__main__":

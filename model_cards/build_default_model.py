@@ -12,7 +12,7 @@ Writes `prg_hub/pretrained/<name>/`:
 * `config.json`: with `dtype` float32, so that `from_pretrained` loads float32 unless asked for another dtype,
   and the remote-code entries (the code itself is the installed package; `prg-hub push` uploads it);
 * `preprocessor_config.json`: the run's image processor, with its remote-code entry;
-* `README.md`: the card, rendered by `prg_hub.hub.render_model_card`.
+* `README.md`: the card, rendered by `prg_hub.model_card.render_model_card`.
 """
 
 import argparse
@@ -26,11 +26,14 @@ import torch
 import yaml
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor
-from prg_hub.hub import CardDetails, read_training_output, render_model_card
+from prg_hub.model_card import CardDetails, render_model_card
 from prg_hub.remote_code import remote_code_files
+from prg_hub.run_records import read_training_output
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_WEIGHTS_BYTES = 16_000_000
+# Options the scripts renamed since the run: {today's name: the name the run's args.json records}.
+RENAMED_OPTIONS = {"probability_path": "path"}
 
 
 def command_options(command: str) -> dict[str, str | bool]:
@@ -50,7 +53,7 @@ def check_command_against_run(command: str, run_args: dict, generic_paths: list[
     for name, value in command_options(command).items():
         if name in generic_paths:
             continue
-        recorded = run_args.get(name, "<not an option of the run>")
+        recorded = run_args.get(name, run_args.get(RENAMED_OPTIONS.get(name), "<not an option of the run>"))
         if isinstance(recorded, bool) or value is True:
             same = recorded is True and value is True
         elif isinstance(recorded, (int, float)):

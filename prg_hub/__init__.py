@@ -1,7 +1,8 @@
 """prg_hub: Pretrained Reversible Generation (PRG) models for the Hugging Face ecosystem.
 
 Importing the package registers PRG with transformers: `AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoImageProcessor` and `pipeline(...)` then load PRG checkpoints.
+`AutoModelForImageClassification`, `AutoModelForPreTraining`, `AutoImageProcessor` and `pipeline(...)` then load
+PRG checkpoints.
 
 `DEFAULT_MODEL` is the folder of the checkpoint installed with the package, a CIFAR-10 classifier (see its
 README.md): `pipeline("image-classification", model=prg_hub.DEFAULT_MODEL)` works offline.
@@ -13,6 +14,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForPreTraining,
 )
 
 # From its module: without torchvision, transformers 5.17 exports a placeholder as `transformers.AutoImageProcessor`.
@@ -26,7 +28,13 @@ from .image_processing_prg import (
     default_image_processor,
     default_image_processor_class,
 )
-from .modeling_prg import PRGForImageClassification, PRGModel, PRGPreTrainedModel
+from .modeling_prg import (
+    FlowMatchingOutput,
+    PRGForFlowMatching,
+    PRGForImageClassification,
+    PRGModel,
+    PRGPreTrainedModel,
+)
 from .paths import PATHS, get_path
 from .pipelines import PRGFeatureExtractor, PRGImageClassificationPipeline, register_pipelines
 from .solvers import SOLVERS, integrate
@@ -39,6 +47,7 @@ DEFAULT_MODEL = str(Path(__file__).parent / "pretrained" / "prg-otcfm-cifar10-sm
 AutoConfig.register(PRGConfig.model_type, PRGConfig, exist_ok=True)
 AutoModel.register(PRGConfig, PRGModel, exist_ok=True)
 AutoModelForImageClassification.register(PRGConfig, PRGForImageClassification, exist_ok=True)
+AutoModelForPreTraining.register(PRGConfig, PRGForFlowMatching, exist_ok=True)
 AutoImageProcessor.register(
     PRGConfig, image_processor_classes={"pil": PRGImageProcessorPil, "torchvision": PRGImageProcessor}, exist_ok=True
 )
@@ -51,8 +60,10 @@ __all__ = [
     "DEFAULT_MODEL",
     "PATHS",
     "SOLVERS",
+    "FlowMatchingOutput",
     "PRGConfig",
     "PRGFeatureExtractor",
+    "PRGForFlowMatching",
     "PRGForImageClassification",
     "PRGImageClassificationPipeline",
     "PRGImageProcessor",

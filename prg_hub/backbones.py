@@ -6,8 +6,9 @@ diffusers networks embed their timestep sinusoidally with frequencies tuned for 
 feeds them `time_scale · t` (default 1000). This is the only place where t is rescaled; the scale is stored in
 `PRGConfig.time_scale`.
 
-Adding a backbone: subclass `VelocityBackbone`, set `network_class`, implement `forward`,
-`check_spatial_size` and `default_config`, and add it to `BACKBONES` under a short name.
+Adding a backbone: subclass `VelocityBackbone`, set `network_class`, implement `forward` and
+`check_spatial_size`, add it to `BACKBONES` under a short name, and give it its sizes in
+`presets.backbone_preset` (its `tiny` one is the network of a `PRGConfig` given no `backbone_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from torch import nn
+
+from .checks import check_choice
 
 
 class VelocityBackbone(nn.Module):
@@ -32,11 +35,6 @@ class VelocityBackbone(nn.Module):
         """Build a freshly initialised network from its diffusers config dict."""
         return cls(cls.network_class.from_config(backbone_config), time_scale)
 
-    @staticmethod
-    def default_config(image_size: int, num_channels: int) -> dict:
-        """A small working diffusers config for images of shape (num_channels, image_size, image_size)."""
-        raise NotImplementedError
-
     def check_spatial_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the size and the rule if the network cannot take (height, width) images."""
         raise NotImplementedError
@@ -49,20 +47,6 @@ class UNet2DVelocity(VelocityBackbone):
     """`diffusers.UNet2DModel` as a velocity field (unconditional)."""
 
     network_class = UNet2DModel
-
-    @staticmethod
-    def default_config(image_size: int, num_channels: int) -> dict:
-        return {
-            "sample_size": image_size,
-            "in_channels": num_channels,
-            "out_channels": num_channels,
-            "layers_per_block": 1,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-            "norm_num_groups": 8,
-            "attention_head_dim": 8,
-        }
 
     def check_spatial_size(self, height, width):
         factor = 2 ** (len(self.network.config.down_block_types) - 1)
@@ -86,19 +70,6 @@ class DiTVelocity(VelocityBackbone):
 
     network_class = DiTTransformer2DModel
 
-    @staticmethod
-    def default_config(image_size: int, num_channels: int) -> dict:
-        return {
-            "sample_size": image_size,
-            "in_channels": num_channels,
-            "out_channels": num_channels,
-            "num_layers": 2,
-            "num_attention_heads": 4,
-            "attention_head_dim": 16,
-            "patch_size": 4,
-            "num_embeds_ada_norm": 1,
-        }
-
     def check_spatial_size(self, height, width):
         patch = self.network.config.patch_size
         if height != width or height % patch:
@@ -115,12 +86,6 @@ class DiTVelocity(VelocityBackbone):
 BACKBONES: dict[str, type[VelocityBackbone]] = {"unet2d": UNet2DVelocity, "dit": DiTVelocity}
 
 
-def check_backbone_type(backbone_type: str) -> None:
-    """Raise a ValueError naming `backbone_type` and the supported ones if it is unknown."""
-    if backbone_type not in BACKBONES:
-        raise ValueError(f"Unknown backbone_type {backbone_type!r}: allowed backbones are {sorted(BACKBONES)}.")
-
-
 def backbone_type_of(network: nn.Module) -> str:
     """The `backbone_type` name of an existing diffusers network, or a ValueError listing what is supported."""
     for name, adapter in BACKBONES.items():
@@ -130,7 +95,12 @@ def backbone_type_of(network: nn.Module) -> str:
     raise ValueError(f"Cannot wrap a {type(network).__name__}: supported networks are {supported}.")
 
 
+def check_backbone_type(backbone_type: str) -> None:
+    """`backbone_type` must name an adapter of `BACKBONES` ("unet2d", "dit")."""
+    check_choice("backbone_type", backbone_type, sorted(BACKBONES), "backbones")
+
+
 def build_backbone(backbone_type: str, backbone_config: dict, time_scale: float) -> VelocityBackbone:
-    """Build the adapter of `backbone_type` around a new network made from `backbone_config`."""
+    """Build the adapter of `backbone_type`, one of `BACKBONES`, around a new network made from `backbone_config`."""
     check_backbone_type(backbone_type)
     return BACKBONES[backbone_type].from_config(backbone_config, time_scale)

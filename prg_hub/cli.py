@@ -41,21 +41,16 @@ from transformers.utils import cached_file
 
 import prg_hub
 
-from .configuration_prg import check_feature_t
+from .checks import check_feature_t, check_num_steps
 from .finiteness import NonFiniteError
-from .hub import (
-    PIPELINE_TAGS,
-    architecture_of,
-    count_parameters,
-    load_model_card,
-    load_prg_config,
-    push_training_output,
-)
 from .hub_server import DEFAULT_MAX_THREADS, DEFAULT_MAX_UPLOAD_BYTES, run_hub_server
 from .image_files import UnreadableImageError, open_image
+from .image_grid import save_image_grid
 from .image_processing_prg import PRGImageProcessor, default_image_processor, default_image_processor_class
+from .loading import architecture_of, count_parameters, load_prg_config
+from .model_card import PIPELINE_TAGS, load_model_card
 from .modeling_prg import PRGForImageClassification, PRGModel
-from .solvers import check_num_steps
+from .run_records import push_training_output
 
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
@@ -258,8 +253,6 @@ def extract(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     """Sample --num-images images from noise and save them as one grid image (as square as N allows)."""
-    from .training import save_image_grid
-
     if args.num_images < 1:
         args.parser.error(f"--num-images must be >= 1, got {args.num_images}.")
     if args.num_steps is not None:
@@ -301,10 +294,10 @@ def info(args: argparse.Namespace) -> int:
     architecture = architecture_of(config)
     lines = [
         f"model: {args.model}",
-        f"class: {architecture.__name__} (pipeline tag {PIPELINE_TAGS[architecture]})",
+        f"class: {architecture.__name__} (pipeline tag {PIPELINE_TAGS[architecture.__name__]})",
         f"parameters: {count_parameters(config):,}",
         f"backbone: {config.backbone_type}",
-        f"path: {config.path}",
+        f"probability_path: {config.probability_path}",
         f"solver: {config.solver}, {config.num_steps} steps, feature_t {config.feature_t}",
         f"input: {config.image_size}×{config.image_size}, {config.num_channels} channels",
     ]

@@ -1,4 +1,4 @@
-"""`PRGConfig`: everything needed to rebuild a PRG model (backbone, path, solver, head and loss settings)."""
+"""`PRGConfig`: everything needed to rebuild a PRG model (backbone, probability path, solver, head, loss)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import math
 
 from transformers import PreTrainedConfig
 
-from .backbones import BACKBONES, check_backbone_type
-from .paths import PATHS
-from .solvers import check_num_steps, check_solver
+from .backbones import check_backbone_type
+from .checks import check_feature_t, check_num_steps
+from .paths import check_probability_path
+from .presets import backbone_preset
+from .solvers import check_solver
 
 # transformers' remote-code entries. With them a saved PRG checkpoint loads through transformers alone
 # (`trust_remote_code=True`), from the modules that `prg_hub.remote_code` copies beside the weights.
@@ -16,6 +18,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_prg.PRGConfig",
     "AutoModel": "modeling_prg.PRGModel",
     "AutoModelForImageClassification": "modeling_prg.PRGForImageClassification",
+    "AutoModelForPreTraining": "modeling_prg.PRGForFlowMatching",
 }
 CUSTOM_PIPELINES = {
     "image-classification": {"impl": "pipelines.PRGImageClassificationPipeline", "pt": ["AutoModelForImageClassification"],
@@ -30,20 +33,26 @@ CUSTOM_PIPELINES = {
 IMPORTED_FROM_PACKAGE = __name__.startswith("prg_hub.")
 # Settings of a training run, not of the model, that configs saved by earlier versions may hold: ignored.
 TRAINING_SWITCHES = ("gradient_checkpointing",)
+# The probability path of a config that names none, under `probability_path` or its former name `path`.
+DEFAULT_PROBABILITY_PATH = "otcfm"
+# The size preset (`presets.backbone_preset`) of the network of a config given no `backbone_config`.
+DEFAULT_BACKBONE_PRESET = "tiny"
 
 
 class PRGConfig(PreTrainedConfig):
-    r"""Configuration of `PRGModel` and `PRGForImageClassification`.
+    r"""Configuration of `PRGModel`, `PRGForImageClassification` and `PRGForFlowMatching`.
 
     Args:
         backbone_type (`str`, defaults to `"unet2d"`): `"unet2d"` (`diffusers.UNet2DModel`) or `"dit"`
             (`diffusers.DiTTransformer2DModel`).
-        backbone_config (`dict`, *optional*): the diffusers config of the velocity network. Defaults to a small
-            working network of `backbone_type` for `image_size`×`image_size` images with `num_channels` channels.
+        backbone_config (`dict`, *optional*): the diffusers config of the velocity network. Defaults to the
+            `tiny` preset of `backbone_type` (`presets.backbone_preset`) for `image_size`×`image_size` images with
+            `num_channels` channels.
         image_size (`int`, *optional*): side of the square input images. Taken from `backbone_config["sample_size"]`
             when that is given, else 32.
         num_channels (`int`, *optional*): image channels. Taken from `backbone_config["in_channels"]`, else 3.
-        path (`str`, defaults to `"otcfm"`): the flow-matching path, `"gvp"`, `"icfm"` or `"otcfm"`.
+        probability_path (`str`, defaults to `"otcfm"`): the flow-matching path, `"gvp"`, `"icfm"` or `"otcfm"`.
+            Configs saved before it had this name hold it as `path`, which is read as `probability_path`.
         num_steps (`int`, defaults to 20): solver grid intervals between t = 0 and `feature_t` (and for generation).
         solver (`str`, defaults to `"euler"`): `"euler"`, `"heun"`, `"midpoint"` (fixed-grid, exact backprop) or any
             torchdiffeq method (e.g. `"dopri5"`).
@@ -54,8 +63,12 @@ class PRGConfig(PreTrainedConfig):
         head_pool_size (`int`, defaults to 16): the PRG head pools x_t to `head_pool_size`² per channel.
         head_hidden_size (`int`, *optional*): width of the head's hidden layer; defaults to its input size
             `num_channels · head_pool_size²` (768 for RGB), as in the paper.
+        head_bias (`bool`, defaults to `True`): whether the head's last Linear (hidden → num_labels) has a bias; the
+            released PRG code has none (`False`).
         fm_loss_weight (`float`, defaults to 0.0): β in L = CE + β·L_FM.
         label_smoothing (`float`, defaults to 0.0): label smoothing of the cross-entropy, in [0, 1).
+        initializer_range (`float`, defaults to 0.02): standard deviation of the normal initialisation of the head's
+            Linear weights (the velocity network keeps diffusers' own initialisation).
         num_labels, id2label, label2id: as in every transformers classifier.
     """
 
@@ -65,7 +78,7 @@ class PRGConfig(PreTrainedConfig):
     backbone_config: dict | None = None
     image_size: int | None = None
     num_channels: int | None = None
-    path: str = "otcfm"
+    probability_path: str | None = None  # None: DEFAULT_PROBABILITY_PATH, unless a legacy `path` is given
     num_steps: int = 20
     solver: str = "euler"
     feature_t: float | int = 1.0
@@ -75,20 +88,21 @@ class PRGConfig(PreTrainedConfig):
     time_scale: float | int = 1000.0
     head_pool_size: int = 16
     head_hidden_size: int | None = None
+    head_bias: bool = True
     fm_loss_weight: float | int = 0.0
     label_smoothing: float | int = 0.0
+    initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        self._resolve_probability_path(kwargs.pop("path", None))
         check_backbone_type(self.backbone_type)
-        if self.path not in PATHS:
-            raise ValueError(f"Unknown path {self.path!r}: allowed paths are {sorted(PATHS)}.")
+        check_probability_path(self.probability_path)
         check_solver(self.solver)
         check_num_steps(self.num_steps)
         check_feature_t(self.feature_t)
         self._resolve_image_shape()
-        for name in ("image_size", "num_channels", "head_pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.head_pool_size < 1:
+            raise ValueError(f"head_pool_size must be a positive integer, got {self.head_pool_size}.")
         if self.head_hidden_size is None:
             self.head_hidden_size = self.num_channels * self.head_pool_size**2
         if not (self.fm_loss_weight >= 0 and math.isfinite(self.fm_loss_weight)):
@@ -97,6 +111,8 @@ class PRGConfig(PreTrainedConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale}.")
+        if not (self.initializer_range > 0 and math.isfinite(self.initializer_range)):
+            raise ValueError(f"initializer_range must be a finite number > 0, got {self.initializer_range}.")
         for name in TRAINING_SWITCHES:
             kwargs.pop(name, None)
         kwargs.pop("auto_map", None)
@@ -110,6 +126,19 @@ class PRGConfig(PreTrainedConfig):
         """The config as saved: every field, plus `auto_map` and `custom_pipelines` for transformers' remote code."""
         return {**super().to_dict(), "custom_pipelines": CUSTOM_PIPELINES}
 
+    def _resolve_probability_path(self, legacy_path: str | None) -> None:
+        """Set `probability_path` from itself, else from the `path` entry of configs saved before the rename,
+        else to `DEFAULT_PROBABILITY_PATH`; the two names given with different values raise a ValueError."""
+        if legacy_path is not None:
+            if self.probability_path is not None and self.probability_path != legacy_path:
+                raise ValueError(
+                    f"probability_path = {self.probability_path!r} and path = {legacy_path!r} disagree; `path` is "
+                    "the former name of probability_path: give probability_path only."
+                )
+            self.probability_path = legacy_path
+        if self.probability_path is None:
+            self.probability_path = DEFAULT_PROBABILITY_PATH
+
     def _resolve_image_shape(self) -> None:
         """Make image_size, num_channels and backbone_config agree, filling in whichever is missing."""
         given = dict(self.backbone_config or {})
@@ -117,8 +146,11 @@ class PRGConfig(PreTrainedConfig):
             self.image_size = given.get("sample_size", 32)
         if self.num_channels is None:
             self.num_channels = given.get("in_channels", 3)
+        for name in ("image_size", "num_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not given:
-            given = BACKBONES[self.backbone_type].default_config(self.image_size, self.num_channels)
+            given = backbone_preset(self.backbone_type, DEFAULT_BACKBONE_PRESET, self.image_size, self.num_channels)
         expected = {"sample_size": self.image_size, "in_channels": self.num_channels}
         for key, value in expected.items():
             if given.setdefault(key, value) != value:
@@ -133,9 +165,3 @@ class PRGConfig(PreTrainedConfig):
                 f"{out_channels} but num_channels = {self.num_channels}."
             )
         self.backbone_config = given
-
-
-def check_feature_t(feature_t: float) -> None:
-    """Raise a ValueError unless 0 < feature_t <= 1."""
-    if isinstance(feature_t, bool) or not isinstance(feature_t, (int, float)) or not 0 < feature_t <= 1:
-        raise ValueError(f"feature_t must be in (0, 1] (t = 0 is data, t = 1 is noise), got {feature_t!r}.")

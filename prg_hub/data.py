@@ -5,6 +5,9 @@ as parquet files or as an image folder (`load_dataset(folder)` picks the format 
 label columns are found by name (`img`/`image`, `label`/`labels`) or by feature type (`Image`, `ClassLabel`),
 or named explicitly.
 
+`get_dataloaders` turns the splits a script uses into torch data loaders of {"pixel_values", "labels", "index"}
+batches.
+
 Unreadable images (corrupt or truncated bytes) do not stop a run: the example is skipped with a warning that
 names its index and the decoder's reason, and `collate_readable` builds each batch from the readable examples.
 
@@ -222,3 +225,68 @@ def collate_readable(items: list[dict | None]) -> dict:
     if not readable:
         raise ValueError(f"None of the {len(items)} images of this batch can be decoded; check the dataset files.")
     return torch.utils.data.default_collate(readable)
+
+
+def get_dataloaders(
+    image_data: ImageDataset,
+    processor: PRGImageProcessing,
+    *,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    train_batch_size: int = 1,
+    eval_batch_size: int = 1,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    augmentation: TrainAugmentation | None = None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    labels: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> tuple[torch.utils.data.DataLoader | None, torch.utils.data.DataLoader | None]:
+    """(train, eval) data loaders of `ImageClassificationDataset`s, each None when its split is not asked for.
+
+    Args:
+        image_data: the loaded dataset (`load_image_dataset`).
+        processor: converts the images (RGB, size, [-1, 1]).
+        train_split, eval_split: split names (see `ImageDataset.split_name`; "eval" finds the evaluation split),
+            each cut to its first `max_train_samples` / `max_eval_samples` rows when that is given.
+        train_batch_size, eval_batch_size: per-process batch sizes once `accelerator.prepare` shards the loaders.
+        augmentation: applied to the training split only, seeded by (seed, epoch, sample index).
+        shuffle: shuffle the training split, in an order drawn from a generator of its own seeded with `seed`:
+            starting an epoch then never draws from the global RNG (the model's noise source), so a resumed run
+            draws exactly the noise an uninterrupted one does. Without it the training split is read in order.
+        drop_last: drop the training split's last incomplete batch.
+        labels: give "labels" (when the dataset has a label column).
+        num_workers: data-loader worker processes.
+
+    The evaluation split is read in order, without augmentation. Batches hold "pixel_values" (B, 3, H, W) in
+    [-1, 1], "index" (B,) and, with `labels`, "labels" (B,); unreadable images are left out (`collate_readable`).
+    """
+    label_column = image_data.label_column if labels else None
+
+    def dataset(split: str, max_samples: int | None, split_augmentation: TrainAugmentation | None = None):
+        return ImageClassificationDataset(
+            image_data.split(split, max_samples), image_data.image_column, label_column, processor,
+            split_augmentation, seed=seed,
+        )
+
+    train_dataloader = eval_dataloader = None
+    if train_split is not None:
+        train_dataloader = torch.utils.data.DataLoader(
+            dataset(train_split, max_train_samples, augmentation),
+            batch_size=train_batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            collate_fn=collate_readable,
+        )
+    if eval_split is not None:
+        eval_dataloader = torch.utils.data.DataLoader(
+            dataset(eval_split, max_eval_samples),
+            batch_size=eval_batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_readable,
+        )
+    return train_dataloader, eval_dataloader

@@ -11,12 +11,22 @@
 `PRGForImageClassification` puts the PRG head on `pooler_output`:
 LayerNorm(C·p²) → Linear(C·p², hidden) → Tanh → Linear(hidden, num_labels), and is trained with
 L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L_FM term only when β > 0.
+
+`PRGForFlowMatching` is the pretraining model: its forward returns L_FM of a batch, so that distributed wrappers
+(DDP, FSDP) synchronise the gradients of the pretraining loss.
+
+All three hold the velocity network under the same names (`prg.velocity.network.*`, with `base_model_prefix`
+"prg"), so a checkpoint of any of them loads into the others; a classifier's head is initialised afresh, or
+dropped.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +36,57 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
 
 from .backbones import backbone_type_of, build_backbone
-from .configuration_prg import PRGConfig, check_feature_t
+from .checks import check_feature_t
+from .configuration_prg import PRGConfig
 from .finiteness import check_finite_output, check_finite_weights
+from .hub_upload import push_model_to_hub
 from .paths import get_path
 from .remote_code import write_remote_code
-from .solvers import check_num_steps, integrate
+from .solvers import integrate
 
 # |pixel value| above which an input cannot have come from an image processor: [0, 255] images or unnormalised
 # data. PRGImageProcessor gives [-1, 1]; mean/std normalisations of natural images stay well within ±10.
 MAX_ABS_PIXEL_VALUE = 20.0
+
+
+@dataclass
+class FlowMatchingOutput(ModelOutput):
+    """Output of `PRGForFlowMatching`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): the flow-matching loss L_FM of the batch, the mean over all
+            elements of (v_θ(x_t, t) − u_t)² (see `paths.py`).
+    """
+
+    loss: torch.FloatTensor | None = None
+
+
+def strict_forward(forward):
+    """Decorate the `forward` of a PRG model, whose body returns a `ModelOutput`:
+
+    * a keyword argument that `forward` does not take raises a TypeError naming it and the arguments it takes,
+      so that a misspelt option (`feature_T=0.5`) is never ignored;
+    * `return_dict` (the argument, else `config.return_dict`) picks the `ModelOutput` or its `to_tuple()`.
+    """
+    signature = inspect.signature(forward)
+    accepted = [name for name in signature.parameters if name != "self"]
+
+    @functools.wraps(forward)
+    def checked_forward(self, *args, **kwargs):
+        unknown = [name for name in kwargs if name not in accepted]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword arguments {unknown}; it takes {accepted}."
+            )
+        return_dict = signature.bind(self, *args, **kwargs).arguments.get("return_dict")
+        output = forward(self, *args, **kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    return checked_forward
 
 
 class PRGPreTrainedModel(PreTrainedModel):
@@ -50,7 +100,9 @@ class PRGPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only PRG's own layers (the head's Linear and LayerNorm layers, which `from_pretrained` hands
-        over one by one when a flow checkpoint has no head); the diffusers network keeps its own initialisation.
+        over one by one when a flow checkpoint has no head): Linear weights ~ N(0, initializer_range²), zero biases
+        (the last Linear has none when `config.head_bias` is False), identity LayerNorm. The diffusers network keeps
+        its own initialisation.
 
         DiT's sin-cos positional embedding is a non-persistent buffer, absent from checkpoints, so it is recomputed
         here: `from_pretrained` builds the model on the meta device and would otherwise leave it undefined.
@@ -58,8 +110,9 @@ class PRGPreTrainedModel(PreTrainedModel):
         head = getattr(self, "head", None)
         if head is not None and any(module is layer for layer in head.children()):
             if isinstance(module, nn.Linear):
-                init.normal_(module.weight, std=0.02)
-                init.zeros_(module.bias)
+                init.normal_(module.weight, std=self.config.initializer_range)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
             else:
                 init.ones_(module.weight)
                 init.zeros_(module.bias)
@@ -88,48 +141,37 @@ class PRGPreTrainedModel(PreTrainedModel):
         write_remote_code(save_directory)
         return result
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "50GB",
-        tags: list[str] | None = None,
-        image_processor=None,
-        card=None,
-    ):
-        """Upload config.json, model.safetensors, preprocessor_config.json and a PRG model card in one commit.
+    def push_to_hub(self, repo_id: str, *, image_processor=None, card=None, **kwargs):
+        """Upload config.json, the weights, preprocessor_config.json, the remote code and a PRG model card in one
+        commit: `prg_hub.hub_upload.push_model_to_hub(self, repo_id, ...)`.
 
-        Takes the arguments of `PreTrainedModel.push_to_hub`, plus `image_processor` (default: a
-        `PRGImageProcessor` for `config.image_size`) and `card` (default: `prg_hub.hub.render_model_card`, which
-        records no results). Returns the commit's `CommitInfo`; see `prg_hub.hub.push_model_to_hub`.
+        Args:
+            repo_id: the repo to push to ("org/name"), created if needed.
+            image_processor: saved beside the weights; defaults to a `PRGImageProcessor` for `config.image_size`.
+            card: the `README.md`; defaults to `prg_hub.model_card.render_model_card`, which records no results.
+            kwargs: the keyword arguments of `PreTrainedModel.push_to_hub` (commit_message, private, token,
+                revision, create_pr, max_shard_size, tags, …).
+
+        Returns the commit's `CommitInfo`.
         """
-        from .hub import push_model_to_hub  # hub.py imports this module
-
-        return push_model_to_hub(
-            self, repo_id, image_processor=image_processor, card=card, commit_message=commit_message,
-            commit_description=commit_description, private=private, token=token, revision=revision,
-            create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
-        )
+        return push_model_to_hub(self, repo_id, image_processor=image_processor, card=card, **kwargs)
 
     @classmethod
-    def from_diffusers(cls, network: nn.Module, path: str = "otcfm", **config_kwargs) -> "PRGPreTrainedModel":
+    def from_diffusers(cls, network: nn.Module, probability_path: str = "otcfm", **config_kwargs) -> PRGPreTrainedModel:
         """Wrap an existing diffusers `UNet2DModel` or `DiTTransformer2DModel`, weights included.
 
         Args:
             network: the velocity network; its config becomes `backbone_config` (private `_` keys dropped).
-            path: the flow-matching path it was (or will be) trained with.
+            probability_path: the flow-matching path it was (or will be) trained with.
             config_kwargs: any other `PRGConfig` field (num_steps, feature_t, num_labels, …).
         """
         backbone_type = backbone_type_of(network)
         backbone_config = {k: v for k, v in network.config.items() if not k.startswith("_")}
         backbone_config = json.loads(json.dumps(backbone_config))  # tuples -> lists, as a saved config holds them
-        config = PRGConfig(backbone_type=backbone_type, backbone_config=backbone_config, path=path, **config_kwargs)
+        config = PRGConfig(
+            backbone_type=backbone_type, backbone_config=backbone_config, probability_path=probability_path,
+            **config_kwargs,
+        )
         model = cls(config)
         model.base_model.velocity.network.load_state_dict(network.state_dict())
         return model
@@ -144,7 +186,7 @@ class PRGModel(PRGPreTrainedModel):
     def __init__(self, config: PRGConfig):
         super().__init__(config)
         self.velocity = build_backbone(config.backbone_type, config.backbone_config, config.time_scale)
-        self.probability_path = get_path(config.path)
+        self.probability_path = get_path(config.probability_path)
         self.pool = nn.AdaptiveAvgPool2d(config.head_pool_size)
         self.gradient_checkpointing = False  # recompute each solver step in the backward pass (training switch)
         self.post_init()
@@ -181,7 +223,7 @@ class PRGModel(PRGPreTrainedModel):
 
     def encode(
         self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`."""
         return integrate(
             self.velocity,
@@ -197,6 +239,7 @@ class PRGModel(PRGPreTrainedModel):
             return_trajectory=return_trajectory,
         )
 
+    @strict_forward
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -204,7 +247,6 @@ class PRGModel(PRGPreTrainedModel):
         num_steps: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         """Reverse the flow from the images to `feature_t`.
 
@@ -213,32 +255,32 @@ class PRGModel(PRGPreTrainedModel):
             feature_t, num_steps: override the config's values for this call.
             output_hidden_states: also return the trajectory x_{t_0}, …, x_{t_num_steps} (num_steps + 1 tensors of
                 shape (B, C, H, W), t_0 = 0 and the last = feature_t).
+            return_dict: return a `BaseModelOutputWithPooling` (default: `config.return_dict`) or its tuple.
 
         Returns:
             `BaseModelOutputWithPooling` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
             hidden_states. In eval mode, features holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError`.
         """
+        # The values this call uses are checked, config values included (`from_pretrained(..., num_steps=...)` sets
+        # config fields after the config has checked itself): feature_t here, num_steps and the solver by integrate.
         feature_t = self.config.feature_t if feature_t is None else feature_t
         num_steps = self.config.num_steps if num_steps is None else num_steps
+        check_feature_t(feature_t)
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        check_feature_t(feature_t)
-        check_num_steps(num_steps)
         self.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.dtype)
 
         trajectory = self.encode(pixel_values, feature_t, num_steps, return_trajectory=output_hidden_states)
-        features = trajectory[-1]
+        features = trajectory[-1] if output_hidden_states else trajectory
         if not self.training:
             check_finite_output(features, "features")
-        output = BaseModelOutputWithPooling(
+        return BaseModelOutputWithPooling(
             last_hidden_state=features,
             pooler_output=self.pool(features).flatten(1),
-            hidden_states=tuple(trajectory) if output_hidden_states else None,
+            hidden_states=trajectory if output_hidden_states else None,
         )
-        return output if return_dict else output.to_tuple()
 
     def flow_matching_loss(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
@@ -255,12 +297,15 @@ class PRGModel(PRGPreTrainedModel):
         generator: torch.Generator | None = None,
         solver: str | None = None,
     ) -> torch.Tensor:
-        """Sample images: draw ε ~ N(0, I) at t = 1 and integrate to t = 0.
+        """Sample images: draw ε ~ N(0, I) at t = 1 and integrate to t = 0 with `num_steps` steps of `solver`
+        (default: the config's).
 
         Returns a tensor of shape (num_images, C, H, W) clamped to [-1, 1].
         """
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}.")
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        solver = self.config.solver if solver is None else solver
         shape = (num_images, self.config.num_channels, self.config.image_size, self.config.image_size)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         images = integrate(
@@ -268,23 +313,26 @@ class PRGModel(PRGPreTrainedModel):
             noise,
             1.0,
             0.0,
-            self.config.num_steps if num_steps is None else num_steps,
-            solver=self.config.solver if solver is None else solver,
+            num_steps,
+            solver=solver,
             rtol=self.config.ode_rtol,
             atol=self.config.ode_atol,
-        )[-1]
+        )
         return images.clamp(-1.0, 1.0)
 
 
 class PRGHead(nn.Module):
-    """The PRG classification head on pooled features (B, C·p²): LayerNorm → Linear → Tanh → Linear → (B, num_labels)."""
+    """The PRG classification head on pooled features (B, C·p²): LayerNorm → Linear → Tanh → Linear → (B, num_labels).
+
+    The last Linear, W·h (+ b), has the bias b only when `config.head_bias` (the released PRG code has none).
+    """
 
     def __init__(self, config: PRGConfig):
         super().__init__()
         in_features = config.num_channels * config.head_pool_size**2
         self.norm = nn.LayerNorm(in_features)
         self.hidden = nn.Linear(in_features, config.head_hidden_size)
-        self.classifier = nn.Linear(config.head_hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.head_hidden_size, config.num_labels, bias=config.head_bias)
 
     def forward(self, pooled_features: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.tanh(self.hidden(self.norm(pooled_features))))
@@ -299,6 +347,7 @@ class PRGForImageClassification(PRGPreTrainedModel):
         self.head = PRGHead(config)
         self.post_init()
 
+    @strict_forward
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -307,16 +356,15 @@ class PRGForImageClassification(PRGPreTrainedModel):
         num_steps: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """Classify images in [-1, 1], shape (B, C, H, W).
 
         With `labels` (B,) of class indices, `loss` = CE(logits, labels; label_smoothing) + β·L_FM(pixel_values)
-        where the L_FM term is added only when β = `config.fm_loss_weight` > 0.
-        Returns `ImageClassifierOutput` with logits (B, num_labels). In eval mode, logits holding NaN or Inf raise
-        `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
+        where the L_FM term is added only when β = `config.fm_loss_weight` > 0. `feature_t`, `num_steps` and
+        `output_hidden_states` are those of `PRGModel.forward`.
+        Returns `ImageClassifierOutput` with logits (B, num_labels) (or its tuple, see `PRGModel.forward`). In eval
+        mode, logits holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         features = self.prg(
             pixel_values,
             feature_t=feature_t,
@@ -335,8 +383,7 @@ class PRGForImageClassification(PRGPreTrainedModel):
             if self.config.fm_loss_weight > 0:
                 loss = loss + self.config.fm_loss_weight * self.prg.flow_matching_loss(pixel_values)
 
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
-        return output if return_dict else output.to_tuple()
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
 
     def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
         num_labels = self.config.num_labels
@@ -351,3 +398,43 @@ class PRGForImageClassification(PRGPreTrainedModel):
                 f"{labels.min().item()} to {labels.max().item()}. Set num_labels/id2label in the config to match "
                 "the data set."
             )
+
+
+class PRGForFlowMatching(PRGPreTrainedModel):
+    """`PRGModel` trained from scratch with flow matching: the forward pass returns the pretraining loss
+
+        L_FM = mean over batch, channels and pixels of (v_θ(x_t, t) − u_t)²,   t ~ U[0, 1], ε ~ N(0, I),
+
+    with x_t = α_t·x + σ_t·ε and u_t = α'_t·x + σ'_t·ε on `config.probability_path` (`paths.py`).
+
+        model = PRGForFlowMatching(config)
+        loss = model(pixel_values).loss  # under DDP too: the loss is computed inside forward
+        model.save_pretrained(folder)  # loads as PRGModel, PRGForImageClassification (new head) or itself
+        samples = model.prg.generate(16)  # as for every PRG model
+    """
+
+    # A classifier checkpoint loads into PRGForFlowMatching without its head, silently, as into PRGModel.
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+
+    def __init__(self, config: PRGConfig):
+        super().__init__(config)
+        self.prg = PRGModel(config)
+        self.post_init()
+
+    @strict_forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+    ) -> FlowMatchingOutput | tuple:
+        """The flow-matching loss of a batch of images in [-1, 1], shape (B, C, H, W) (`PRGModel.flow_matching_loss`):
+
+            L_FM = mean over all elements of (v_θ(x_t, t) − u_t)², a scalar.
+
+        Args:
+            pixel_values: the data x, shape (B, C, H, W); cast to the model's dtype.
+            generator: the source of t and ε (default: torch's global generator).
+            return_dict: return a `FlowMatchingOutput` (default: `config.return_dict`) or the tuple (loss,).
+        """
+        return FlowMatchingOutput(loss=self.prg.flow_matching_loss(pixel_values, generator))

@@ -15,7 +15,10 @@ The flow-matching loss regresses a velocity network v_θ(x_t, t) onto u_t:
 
     L_FM = mean over batch, channels and pixels of (v_θ(x_t, t) − u_t)²,    t ~ U[0, 1]
 
-i.e. the mean over *all* elements (the official PRG code sums over channels instead, which is this loss times C).
+i.e. the mean over *all* elements. The released PRG code takes half the squared error summed over channels,
+averaged over batch and pixels: (C/2) times this loss (1.5 for RGB). A constant factor of the loss changes no
+Adam(W) update (up to Adam's ε; gradient clipping, which the release does not use, would see it), and in finetuning
+β = `fm_loss_weight` absorbs it: β here = β released · C/2.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from scipy.optimize import linear_sum_assignment
+
+from .checks import check_choice
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -146,8 +151,12 @@ def optimal_transport_permutation(x: torch.Tensor, noise: torch.Tensor) -> torch
 PATHS: dict[str, type[ProbabilityPath]] = {cls.name: cls for cls in (GVPPath, ICFMPath, OTCFMPath)}
 
 
+def check_probability_path(name: str) -> None:
+    """`name` must name a flow-matching path of `PATHS` ("gvp", "icfm", "otcfm")."""
+    check_choice("probability_path", name, sorted(PATHS), "probability paths")
+
+
 def get_path(name: str) -> ProbabilityPath:
-    """Instantiate a path by name; an unknown name raises a ValueError listing the allowed ones."""
-    if name not in PATHS:
-        raise ValueError(f"Unknown path {name!r}: allowed paths are {sorted(PATHS)}.")
+    """Instantiate the path `name`, one of `PATHS`; a ValueError lists them for any other name."""
+    check_probability_path(name)
     return PATHS[name]()

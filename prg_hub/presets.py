@@ -13,14 +13,16 @@
 |         | mult (1, 2, 2, 2) up to 32 px (52.5M parameters) and       | 35.2M)                                     |
 |         | (1, 2, 3, 4) at 64 px (121M)                               |                                            |
 
+`tiny` is also the network of a `PRGConfig` given no `backbone_config`.
+
 The tiny UNet has no attention: an attention key bias gets an exactly zero gradient (softmax ignores a shift
 shared by all keys), so Adam turns its rounding noise into full-size updates and runs that differ only in the order
 of floating-point sums (one process with batch 2b, two with batch b) would drift apart in those biases.
 
-The paper's network has dropout 0.1 (torchcfm's CIFAR-10 UNet uses the same), scale-shift time conditioning
-(improved diffusion's `use_scale_shift_norm`) and 64-channel attention heads. `tiny` has no dropout so that runs
-are exactly reproducible across process counts. Every DiT preset has `num_embeds_ada_norm = 1`: the velocity
-adapter feeds DiT its "null" class (see `backbones.DiTVelocity`).
+The paper's network has dropout 0.1 (torchcfm's CIFAR-10 UNet uses the same; the released PRG code uses 0, which
+`dropout=0.0` gives), scale-shift time conditioning (improved diffusion's `use_scale_shift_norm`) and 64-channel
+attention heads. `tiny` has no dropout so that runs are exactly reproducible across process counts. Every DiT
+preset has `num_embeds_ada_norm = 1`: the velocity adapter feeds DiT its "null" class (see `backbones.DiTVelocity`).
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def _paper_unet_mult(image_size: int) -> tuple[int, ...]:
     )
 
 
-def backbone_preset(backbone_type: str, preset: str, image_size: int, num_channels: int = 3) -> dict:
+def backbone_preset(
+    backbone_type: str, preset: str, image_size: int, num_channels: int = 3, dropout: float | None = None
+) -> dict:
     """The diffusers config of a `backbone_type` network ("unet2d" or "dit") of size `preset` for square images.
 
     Args:
@@ -103,12 +107,23 @@ def backbone_preset(backbone_type: str, preset: str, image_size: int, num_channe
         preset: one of `PRESETS`.
         image_size: side of the (image_size × image_size) inputs.
         num_channels: image channels (3: datasets are converted to RGB by `PRGImageProcessor`).
+        dropout: the network's dropout probability, in [0, 1) (the diffusers config's `dropout`); None keeps the
+            preset's (table above).
 
     Raises:
-        ValueError naming the unknown value and the allowed ones, or an image size the preset cannot take.
+        ValueError naming the unknown value and the allowed ones, an image size the preset cannot take, or a
+        dropout outside [0, 1).
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}: allowed presets are {list(PRESETS)}.")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"dropout is a probability in [0, 1), got {dropout}.")
+    config = _preset_config(backbone_type, preset, image_size, num_channels)
+    return config if dropout is None else {**config, "dropout": float(dropout)}
+
+
+def _preset_config(backbone_type: str, preset: str, image_size: int, num_channels: int) -> dict:
+    """The config of `backbone_preset` with the preset's own dropout."""
     if backbone_type == "unet2d":
         if preset == "tiny":
             config = _unet2d(image_size, num_channels, 16, (1, 2), 1, (), 8, 8, 0.0, "default")

@@ -4,11 +4,12 @@ transformers' remote-code path (`trust_remote_code=True`) reads `auto_map` in `c
 `preprocessor_config.json`, fetches the modules it names from the checkpoint's folder or repo (with the modules
 they import relatively), and imports them. So every checkpoint that prg_hub saves or pushes holds, beside its
 weights:
-* in `config.json`: `auto_map` (`AutoConfig`, `AutoModel`, `AutoModelForImageClassification`) and
-  `custom_pipelines` (PRG's `image-classification` and `image-feature-extraction` pipelines, which take
-  `feature_t` and `num_steps`); both written by `PRGConfig`;
+* in `config.json`: `auto_map` (`AutoConfig`, `AutoModel`, `AutoModelForImageClassification`,
+  `AutoModelForPreTraining`) and `custom_pipelines` (PRG's `image-classification` and `image-feature-extraction`
+  pipelines, which take `feature_t` and `num_steps`); both written by `PRGConfig`;
 * in `preprocessor_config.json`: `auto_map` (`AutoImageProcessor`), written by the image processor;
-* the package modules those names need (`remote_code_files()`), copied flat.
+* the package modules those names need (`remote_code_files()`: the entry modules and every module they import
+  relatively, transitively), copied flat.
 
     AutoModelForImageClassification.from_pretrained("org/prg-c10", trust_remote_code=True)
     pipeline("image-feature-extraction", model="org/prg-c10", trust_remote_code=True)(img, feature_t=0.5)

@@ -1,9 +1,11 @@
-"""Bad input gets a ValueError that names the value and what is allowed."""
+"""Bad input gets a ValueError (a TypeError for an argument that does not exist) that names the value and what is
+allowed."""
 
 import pytest
 import torch
 
-from prg_hub import PRGConfig, PRGForImageClassification, PRGModel
+from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, PRGModel, get_path, integrate
+from prg_hub.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_num_steps_below_one(unet_model, num_steps):
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("path", "ddpm", r"allowed paths are \['gvp', 'icfm', 'otcfm'\]"),
+        ("probability_path", "ddpm", r"allowed probability paths are \['gvp', 'icfm', 'otcfm'\]"),
         ("backbone_type", "resnet", r"allowed backbones are \['dit', 'unet2d'\]"),
         ("solver", "rk45", r"allowed solvers are \['euler', 'heun', 'midpoint', .*'dopri5'"),
     ],
@@ -83,10 +85,62 @@ def test_unknown_path_backbone_or_solver(field, value, allowed):
         PRGConfig(**{field: value})
 
 
+def test_unknown_solver_for_one_generation(unet_model):
+    with pytest.raises(ValueError, match=r"Unknown solver 'rk45': allowed solvers are \['euler', 'heun', 'midpoint'"):
+        unet_model.generate(1, solver="rk45")
+
+
+def test_the_building_blocks_check_what_they_are_given():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer >= 1, got 0"):
+        integrate(lambda x, t: x, x, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match=r"Unknown solver 'explicit_adams': allowed solvers are \['euler'"):
+        integrate(lambda x, t: x, x, 0.0, 1.0, 4, solver="explicit_adams")
+    with pytest.raises(ValueError, match=r"Unknown probability_path 'rectified': allowed probability paths"):
+        get_path("rectified")
+    with pytest.raises(ValueError, match=r"Unknown backbone_type 'vit': allowed backbones are \['dit', 'unet2d'\]"):
+        build_backbone("vit", {}, 1000.0)
+
+
+def test_values_set_on_a_loaded_config_are_checked_when_used(tmp_path):
+    PRGModel(PRGConfig(num_steps=1)).save_pretrained(tmp_path)
+    model = PRGModel.from_pretrained(tmp_path, num_steps=0, solver="rk45")  # set after the config checked itself
+    with pytest.raises(ValueError, match=r"num_steps must be an integer >= 1, got 0"):
+        model(torch.zeros(1, 3, 32, 32))
+    model.config.num_steps = 1
+    with pytest.raises(ValueError, match=r"Unknown solver 'rk45'"):
+        model(torch.zeros(1, 3, 32, 32))
+
+
+def test_path_and_probability_path_that_disagree():
+    with pytest.raises(ValueError, match=r"probability_path = 'gvp' and path = 'icfm' disagree"):
+        PRGConfig(probability_path="gvp", path="icfm")
+
+
+@pytest.mark.parametrize("model_class", [PRGModel, PRGForImageClassification, PRGForFlowMatching])
+def test_unknown_forward_argument_is_named_with_the_accepted_ones(model_class):
+    model = model_class(PRGConfig(num_steps=1, image_size=16)).eval()
+    message = (rf"{model_class.__name__}\.forward\(\) got unexpected keyword arguments \['feature_T'\]; "
+               r"it takes \['pixel_values', .*'return_dict'\]\.")
+    with pytest.raises(TypeError, match=message):
+        model(torch.zeros(1, 3, 16, 16), feature_T=0.5)
+
+
+def test_prg_model_lists_its_forward_options():
+    model = PRGModel(PRGConfig(num_steps=1, image_size=16)).eval()
+    with pytest.raises(TypeError) as error:
+        model(torch.zeros(1, 3, 16, 16), feature_T=0.5, numsteps=2)
+    assert str(error.value) == (
+        "PRGModel.forward() got unexpected keyword arguments ['feature_T', 'numsteps']; it takes ['pixel_values', "
+        "'feature_t', 'num_steps', 'output_hidden_states', 'return_dict']."
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1.0"),
+        ({"initializer_range": 0.0}, r"initializer_range must be a finite number > 0, got 0.0"),
         ({"fm_loss_weight": -0.1}, r"fm_loss_weight \(β\) must be a finite number >= 0, got -0.1"),
         ({"image_size": 64, "backbone_config": {"sample_size": 32}}, r"backbone_config\['sample_size'\] = 32 .* image_size = 64"),
         ({"backbone_config": {"in_channels": 3, "out_channels": 1}}, r"out_channels'\] = 1 but num_channels = 3"),

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors import safe_open
 
 import prg_hub
-from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, PRGImageProcessor, PRGModel
 from prg_hub.cli import main
-from prg_hub.hub import push_model_to_hub
-from prg_hub.training import save_image_grid
+from prg_hub.hub_upload import push_model_to_hub
+from prg_hub.image_grid import save_image_grid
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 IMAGE_SIZE = 16
@@ -192,6 +192,16 @@ def test_info_of_a_pushed_model_without_results_says_not_evaluated(capsys, hub_s
     assert status == 0
     assert "class: PRGModel (pipeline tag image-feature-extraction)" in out
     assert "metrics: not evaluated (no model-index in the model card)" in out
+
+
+def test_info_names_a_flow_matching_checkpoint_and_its_probability_path(capsys, tmp_path):
+    model = PRGForFlowMatching(PRGConfig(image_size=IMAGE_SIZE, num_steps=2, probability_path="icfm"))
+    model.save_pretrained(tmp_path)
+    status, out, _ = run_cli(capsys, "info", str(tmp_path))
+    assert status == 0
+    assert "class: PRGForFlowMatching (pipeline tag image-feature-extraction)" in out
+    assert f"parameters: {sum(p.numel() for p in model.parameters()):,}" in out
+    assert "probability_path: icfm" in out
 
 
 def test_generate_writes_a_grid_of_the_seeded_samples(capsys, classifier_dir, tmp_path):

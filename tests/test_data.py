@@ -1,5 +1,6 @@
 """Data loading, column detection, grayscale handling, augmentations and presets used by the example scripts."""
 
+import collections
 import itertools
 
 import datasets
@@ -10,8 +11,8 @@ from PIL import Image
 
 from prg_hub import PRGImageProcessor
 from prg_hub.augment import RANDAUGMENT_OPS, TrainAugmentation, rand_augment, random_crop_with_padding, random_erasing
-from prg_hub.data import ImageClassificationDataset, collate_readable, load_image_dataset
-from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.data import ImageClassificationDataset, collate_readable, get_dataloaders, load_image_dataset
+from prg_hub.presets import backbone_preset
 
 SIZE = 8
 
@@ -130,6 +131,35 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     assert any(not torch.equal(a, plain[3]["pixel_values"]) for a in outcomes)
 
 
+def test_dataloaders_shuffle_training_data_with_their_own_seed_and_read_the_evaluation_split_in_order(tmp_path):
+    data = load_image_dataset(str(write_parquet(tmp_path / "d")))  # train: 6 rows, test: 3 rows
+    processor = PRGImageProcessor(size={"height": SIZE, "width": SIZE})
+
+    def loaders(seed, **options):
+        return get_dataloaders(data, processor, train_split="train", eval_split="eval", train_batch_size=4,
+                               eval_batch_size=2, seed=seed, **options)
+
+    def epoch_order(dataloader):
+        return [batch["index"].tolist() for batch in dataloader]
+
+    global_rng = torch.random.get_rng_state()
+    train, evaluation = loaders(0, drop_last=True)
+    order = epoch_order(train)
+    # Drawing the order leaves the global RNG (the model's noise source) alone, so a resumed run draws its noise.
+    assert torch.equal(torch.random.get_rng_state(), global_rng)
+    assert len(order) == 1 and len(order[0]) == 4  # the incomplete last batch is dropped
+    assert order == epoch_order(loaders(0, drop_last=True)[0])
+    assert epoch_order(loaders(0)[0])[0] == order[0] and len(epoch_order(loaders(0)[0])[1]) == 2
+    assert any(epoch_order(loaders(seed)[0])[0] != order[0] for seed in (1, 2, 3))
+    assert epoch_order(evaluation) == [[0, 1], [2]]
+    assert next(iter(evaluation))["labels"].tolist() == [0, 1]
+
+    unshuffled, _ = get_dataloaders(data, processor, train_split="train", train_batch_size=4, shuffle=False,
+                                    labels=False)
+    assert epoch_order(unshuffled) == [[0, 1, 2, 3], [4, 5]]
+    assert "labels" not in next(iter(unshuffled))
+
+
 def test_random_crop_with_padding_shifts_the_image():
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     rng = np.random.default_rng(0)
@@ -181,13 +211,26 @@ def test_preset_sizes(backbone, preset, image_size, millions):
     assert sum(p.numel() for p in network.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
 
 
-def test_paper_unet_matches_the_official_architecture():
-    config = backbone_preset("unet2d", "paper", 32)
-    assert config["block_out_channels"] == [128, 256, 256, 256]
-    assert config["layers_per_block"] == 3
-    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
-    assert backbone_preset("unet2d", "paper", 64)["block_out_channels"] == [128, 256, 384, 512]
-    assert set(PRESETS) == {"tiny", "small", "paper"}
+@pytest.mark.parametrize(("image_size", "attention_layers_by_width"), [
+    (32, {16: 7, 8: 7, 4: 1}),  # the 16 and 8 px levels, and the 4 px middle block
+    (64, {16: 7, 8: 7 + 1}),  # the middle block works at 8 px
+])
+def test_paper_unet_attends_at_16_and_8_pixels_and_in_its_middle(image_size, attention_layers_by_width):
+    """The official network (improved diffusion's UNet) runs self-attention on its 16 px and 8 px feature maps and
+    in its middle block. With 3 residual blocks per level, a level with attention has 3 attention layers on the way
+    down and 4 on the way up (7); the middle block has 1."""
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
+    widths = []
+    with torch.device("meta"):  # shapes only: no weights are allocated
+        network = UNet2DModel.from_config(backbone_preset("unet2d", "paper", image_size))
+        for module in network.modules():
+            if isinstance(module, Attention):
+                module.register_forward_pre_hook(lambda _, inputs: widths.append(inputs[0].shape[-1]))
+        output = network(torch.zeros(1, 3, image_size, image_size), torch.zeros(1)).sample
+    assert output.shape == (1, 3, image_size, image_size)
+    assert collections.Counter(widths) == attention_layers_by_width
 
 
 def test_unreadable_images_are_skipped_with_a_warning_and_the_rest_kept(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """Pushing PRG models to the Hub and pulling them back, with the real clients and the local hub (conftest.py)."""
 
+import inspect
 import json
 import os
 import socket
@@ -15,11 +16,21 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, metadata_eval_result
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForImageClassification, pipeline
+from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel, pipeline
 
-from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel, PRGPreTrainedModel
-from prg_hub.hub import push_model_to_hub, push_training_output, read_training_output, render_model_card
+from prg_hub import (
+    PRGConfig,
+    PRGForFlowMatching,
+    PRGForImageClassification,
+    PRGImageProcessor,
+    PRGModel,
+    PRGPreTrainedModel,
+)
+from prg_hub.hub_upload import push_model_to_hub
+from prg_hub.loading import ARCHITECTURES, architecture_of, count_parameters, load_prg_config, load_prg_model
+from prg_hub.model_card import PIPELINE_TAGS, ROLES, render_model_card
 from prg_hub.remote_code import remote_code_files
+from prg_hub.run_records import push_training_output, read_training_output
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 # A pushed checkpoint: weights, configs, card, and the code that loads it without prg_hub (remote code).
@@ -100,6 +111,35 @@ def test_model_push_to_hub_uploads_processor_and_prg_card(hub_server):
     assert_same_weights(PRGForImageClassification.from_pretrained("org/method-push", revision=commit.oid), model)
 
 
+def test_push_to_hub_forwards_the_commit_message_and_the_privacy(hub_server):
+    api = HfApi()
+    model = tiny_model(PRGModel, seed=0)
+    model.push_to_hub("org/private-push", commit_message="x", private=True)
+    assert api.list_repo_commits("org/private-push")[0].title == "x"
+    assert api.model_info("org/private-push").private is True
+
+    model.push_to_hub("org/public-push")
+    assert api.list_repo_commits("org/public-push")[0].title == "Upload PRGModel"
+    assert api.model_info("org/public-push").private is False
+
+
+def test_push_takes_the_arguments_of_transformers_push_to_hub_and_no_other(hub_server):
+    """The upload options are exactly those of `PreTrainedModel.push_to_hub`, with its defaults; an unknown one is
+    refused by name before any repo is created."""
+    ours = inspect.signature(push_model_to_hub).parameters
+    theirs = inspect.signature(PreTrainedModel.push_to_hub).parameters
+    options = {name: p.default for name, p in ours.items() if p.kind is p.KEYWORD_ONLY}
+    assert options == {"image_processor": None, "card": None,
+                       **{name: p.default for name, p in theirs.items() if p.kind is p.KEYWORD_ONLY}}
+
+    model = tiny_model(PRGModel, seed=0)
+    with pytest.raises(TypeError, match="bogus_arg"):
+        push_model_to_hub(model, "org/refused-push", bogus_arg=1)
+    with pytest.raises(TypeError, match="bogus_arg"):
+        model.push_to_hub("org/refused-push", bogus_arg=1)
+    assert not HfApi().repo_exists("org/refused-push")
+
+
 def test_revision_pins_a_commit_and_a_branch(hub_server):
     repo_id = "org/pinned-prg"
     first, second = tiny_model(PRGForImageClassification, seed=1), tiny_model(PRGForImageClassification, seed=2)
@@ -124,7 +164,7 @@ def test_revision_pins_a_commit_and_a_branch(hub_server):
 def test_a_push_replaces_the_weight_files_of_the_previous_one(hub_server):
     repo_id, api = "org/resharded", HfApi()
     sharded, single = tiny_model(PRGModel, seed=7), tiny_model(PRGModel, seed=8)
-    push_model_to_hub(sharded, repo_id, max_shard_size="1MB")
+    push_model_to_hub(sharded, repo_id, max_shard_size="200KB")
     shards = [name for name in api.list_repo_files(repo_id) if name.startswith("model-")]
     assert len(shards) > 1 and api.file_exists(repo_id, "model.safetensors.index.json")
     assert_same_weights(PRGModel.from_pretrained(repo_id), sharded)
@@ -137,7 +177,8 @@ def test_a_push_replaces_the_weight_files_of_the_previous_one(hub_server):
 def test_a_saved_folder_is_pushed_as_stored_and_nothing_else_of_it(hub_server, tmp_path):
     repo_id, api, folder = "org/as-stored", HfApi(), tmp_path / "run"
     model = tiny_model(PRGForImageClassification, seed=9)
-    model.to(torch.float16).save_pretrained(folder, max_shard_size="1MB")  # float16 shards, kept as they are
+    model.to(torch.float16).save_pretrained(folder, max_shard_size="100KB")  # float16 shards, kept as they are
+    assert (folder / "model.safetensors.index.json").is_file()
     (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (folder / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"training state, not the model")
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# A card of its own\n")
@@ -184,6 +225,7 @@ def test_card_from_a_training_run_round_trips_through_the_hub(hub_server, tmp_pa
     text = card.text
     assert 'pipeline("image-classification", model="org/carded")' in text
     assert "| uoft-cs/cifar10 | test | accuracy | 0.7132958984375 |" in text
+    assert "| flow-matching path | `otcfm` |" in text and "- Path: `otcfm`; backbone: `unet2d`." in text
     assert "| steps | 1200 |" in text and "| best_top1 | 0.72 |" in text and "| eval_split_size | 10000 |" in text
     assert "| learning_rate | `0.000125` |" in text and "| label_smoothing | `0.1` |" in text
     assert "hf_secret" not in text and str(tmp_path) not in text and "max_train_samples" not in text
@@ -235,6 +277,34 @@ def test_card_without_run_metrics_invents_no_results(hub_server, tmp_path):
     card = render_model_card(tiny_model(PRGModel, seed=5), "org/x", base_model=str(local_base))
     assert card.data.base_model is None  # a folder on this machine is no Hub base model
     assert "the local checkpoint `pretrained-flow`" in card.text and str(tmp_path) not in card.text
+
+
+def test_a_flow_matching_checkpoint_is_carded_and_loaded_as_what_it_is(hub_server, tmp_path):
+    """A pretraining checkpoint's card serves image-feature-extraction; it loads back as `PRGForFlowMatching`."""
+    model = tiny_model(PRGForFlowMatching, seed=10)
+    write_run(tmp_path, model, {"dataset": "uoft-cs/cifar10"}, {"steps": 100, "final_fm_loss": 0.5})
+    push_training_output(tmp_path, "org/flow-matching")
+
+    card = ModelCard.load("org/flow-matching")
+    assert card.data.pipeline_tag == "image-feature-extraction" and card.data.eval_results is None
+    assert "flow-matching model (pretraining)" in card.text and "| architecture | `PRGForFlowMatching` |" in card.text
+    assert 'pipeline("image-feature-extraction", model="org/flow-matching")' in card.text
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card.text
+    assert "| final_fm_loss | 0.5 |" in card.text
+    loaded = load_prg_model("org/flow-matching")
+    assert type(loaded) is PRGForFlowMatching
+    assert_same_weights(loaded, model)
+
+
+@pytest.mark.parametrize("model_class", [PRGModel, PRGForImageClassification, PRGForFlowMatching])
+def test_each_loadable_architecture_has_a_card_and_counts_its_parameters(model_class, tmp_path):
+    assert set(ARCHITECTURES) == set(PIPELINE_TAGS) == set(ROLES)
+    model = tiny_model(model_class, seed=0)
+    model.save_pretrained(tmp_path)
+    config = load_prg_config(str(tmp_path))
+    assert architecture_of(config) is model_class
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert render_model_card(model, "org/x").data.pipeline_tag == PIPELINE_TAGS[model_class.__name__]
 
 
 def test_eval_results_without_a_dataset_are_refused():

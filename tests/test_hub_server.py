@@ -28,9 +28,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from safetensors.torch import load_file, save_file
 
-from prg_hub.hub_auth import TokenFileError
-from prg_hub.hub_server import HubServer, serve_hub
-from prg_hub.hub_storage import REGULAR_MAX_SIZE
+from prg_hub.hub_server import REGULAR_MAX_SIZE, HubServer, TokenFileError, serve_hub
 
 TEST_TOKEN = os.environ["HF_TOKEN"]  # set by conftest.py; the session's hub gives it the admin role
 

@@ -18,19 +18,25 @@ from accelerate.utils.other import load as load_without_code
 from huggingface_hub import HfApi
 from PIL import Image
 from safetensors.torch import load_file
+from test_training import (
+    PRETRAIN_ARGS,
+    communicate,
+    launch,
+    max_abs_difference,
+    start,
+    write_shapes,
+)
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
-from prg_hub.cli import main
-from prg_hub.hub import render_model_card
-from prg_hub.training import (
+from prg_hub.checkpointing import (
     EMA_STATE_FILE,
     checkpoint_path,
     list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
-
-from test_training import PRETRAIN_ARGS, communicate, launch, max_abs_difference, start, write_shapes
+from prg_hub.cli import main
+from prg_hub.model_card import render_model_card
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""PRGModel and PRGForImageClassification: outputs, losses, generation, wrapping, saving and Auto loading."""
+"""PRGModel, PRGForImageClassification and PRGForFlowMatching: outputs, losses, generation, wrapping, saving and
+Auto loading."""
 
 import json
 import os
@@ -9,10 +10,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # see prg_hub/__init__.py
 
-from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+from prg_hub import (
+    FlowMatchingOutput,
+    PRGConfig,
+    PRGForFlowMatching,
+    PRGForImageClassification,
+    PRGImageProcessor,
+    PRGModel,
+)
+from prg_hub.paths import GVPPath, ICFMPath, OTCFMPath
 from prg_hub.remote_code import remote_code_files
 
 LABELS = {0: "cat", 1: "dog", 2: "frog"}
@@ -98,7 +107,7 @@ def test_feature_is_one_euler_step_of_the_network_velocity():
 @pytest.mark.parametrize("path", ["gvp", "icfm", "otcfm"])
 def test_flow_matching_loss_goes_down_when_overfitting_a_tiny_batch(path):
     torch.manual_seed(0)
-    model = PRGModel(PRGConfig(path=path, image_size=8, backbone_config=dict(MINI_UNET)))
+    model = PRGModel(PRGConfig(probability_path=path, image_size=8, backbone_config=dict(MINI_UNET)))
     batch = images(batch=4, size=8, seed=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -153,8 +162,9 @@ def test_from_diffusers_wraps_an_existing_unet_with_its_weights():
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
     ).eval()
-    model = PRGModel.from_diffusers(unet, path="icfm", num_steps=4).eval()
-    assert model.config.backbone_type == "unet2d" and model.config.image_size == 16 and model.config.path == "icfm"
+    model = PRGModel.from_diffusers(unet, probability_path="icfm", num_steps=4).eval()
+    assert model.config.backbone_type == "unet2d" and model.config.image_size == 16
+    assert model.config.probability_path == "icfm" and isinstance(model.probability_path, ICFMPath)
     x, t = images(size=16), torch.tensor([0.1, 0.9])
     with torch.no_grad():
         torch.testing.assert_close(model.velocity(x, t), unet(x, t * 1000).sample, rtol=0, atol=0)
@@ -166,7 +176,7 @@ def test_from_diffusers_wraps_a_dit_into_a_classifier(tmp_path):
         num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=1, sample_size=16,
         patch_size=4, num_embeds_ada_norm=1,
     ).eval()
-    classifier = PRGForImageClassification.from_diffusers(dit, path="gvp", num_labels=4).eval()
+    classifier = PRGForImageClassification.from_diffusers(dit, probability_path="gvp", num_labels=4).eval()
     x, t = images(size=16), torch.tensor([0.3, 0.6])
     with torch.no_grad():
         expected = dit(x, t * 1000, class_labels=torch.tensor([1, 1])).sample
@@ -258,3 +268,133 @@ def test_random_draws_come_from_the_generator_alone():
     samples = [model.generate(2, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(torch.random.get_rng_state(), global_state)  # the global stream is untouched
     assert torch.equal(losses[0], losses[1]) and torch.equal(samples[0], samples[1])
+
+
+def test_flow_matching_model_returns_the_flow_matching_loss_of_prg_model():
+    model = PRGForFlowMatching(PRGConfig(image_size=8, backbone_config=dict(MINI_UNET)))
+    x = images(batch=4, size=8)
+    output = model(x, generator=torch.Generator().manual_seed(3))
+    expected = model.prg.flow_matching_loss(x, generator=torch.Generator().manual_seed(3))
+    assert isinstance(output, FlowMatchingOutput) and output.loss.shape == ()
+    assert torch.equal(output.loss, expected)
+    assert torch.equal(model(x, generator=torch.Generator().manual_seed(3), return_dict=False)[0], expected)
+    output.loss.backward()  # the training step of the pretraining script: every weight of the network gets a gradient
+    assert all(parameter.grad is not None for parameter in model.parameters())
+
+
+def _assert_same_network(model, reference):
+    weights = reference.base_model.state_dict()
+    assert weights.keys() == model.base_model.state_dict().keys()
+    for name, tensor in weights.items():
+        assert torch.equal(model.base_model.state_dict()[name], tensor), name
+
+
+def test_flow_matching_checkpoints_load_into_every_prg_class_and_back(tmp_path):
+    torch.manual_seed(0)
+    pretrained = PRGForFlowMatching(PRGConfig(image_size=16, num_steps=2)).eval()
+    pretrained.save_pretrained(tmp_path / "flow-matching")
+    saved = load_file(tmp_path / "flow-matching" / "model.safetensors")
+    assert saved.keys() == pretrained.state_dict().keys()
+    assert all(name.startswith("prg.velocity.network.") for name in saved)
+
+    base, info = PRGModel.from_pretrained(tmp_path / "flow-matching", output_loading_info=True)
+    _assert_same_network(base, pretrained)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    classifier, info = PRGForImageClassification.from_pretrained(
+        tmp_path / "flow-matching", num_labels=3, output_loading_info=True
+    )
+    _assert_same_network(classifier, pretrained)
+    assert info["missing_keys"] == {f"head.{name}" for name in classifier.head.state_dict()}  # the new head only
+    assert torch.equal(classifier.head.classifier.bias, torch.zeros(3))
+
+    base.save_pretrained(tmp_path / "prg-model")  # an existing PRGModel checkpoint starts a pretraining run
+    resumed, info = PRGForFlowMatching.from_pretrained(tmp_path / "prg-model", output_loading_info=True)
+    _assert_same_network(resumed, pretrained)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    auto = AutoModelForPreTraining.from_pretrained(tmp_path / "flow-matching")
+    assert type(auto) is PRGForFlowMatching
+    x = images(size=16)
+    torch.testing.assert_close(auto(x, generator=torch.Generator().manual_seed(1)).loss,
+                               pretrained(x, generator=torch.Generator().manual_seed(1)).loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_class", [PRGModel, PRGForImageClassification, PRGForFlowMatching])
+def test_return_dict_false_returns_the_output_as_a_tuple(model_class):
+    torch.manual_seed(0)
+    model = model_class(PRGConfig(image_size=16, num_steps=1)).eval()
+    x = images(size=16)
+    outputs = []
+    with torch.no_grad():
+        for call in (lambda: model(x).to_tuple(), lambda: model(x, return_dict=False)):
+            torch.manual_seed(1)  # PRGForFlowMatching draws t and ε
+            outputs.append(call())
+        model.config.return_dict = False
+        torch.manual_seed(1)
+        outputs.append(model(x))
+    for output in outputs[1:]:
+        assert type(output) is tuple and len(output) == len(outputs[0])
+        assert all(torch.equal(a, b) for a, b in zip(output, outputs[0]))
+
+
+def test_a_config_saved_with_the_former_name_path_loads_its_probability_path(tmp_path):
+    model = PRGModel(PRGConfig(image_size=16, probability_path="icfm"))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["probability_path"] == "icfm" and "path" not in saved
+    saved["path"] = saved.pop("probability_path")  # a config.json written before the rename
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+
+    reloaded = PRGModel.from_pretrained(tmp_path)
+    assert reloaded.config.probability_path == "icfm" and isinstance(reloaded.probability_path, ICFMPath)
+    _assert_same_network(reloaded, model)
+    reloaded.save_pretrained(tmp_path / "again")
+    resaved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert resaved["probability_path"] == "icfm" and "path" not in resaved
+    assert PRGConfig(path="gvp", probability_path="gvp").probability_path == "gvp"
+    assert isinstance(PRGModel(PRGConfig(image_size=16)).probability_path, OTCFMPath)  # the default
+    assert isinstance(PRGModel(PRGConfig(image_size=16, probability_path="gvp")).probability_path, GVPPath)
+
+
+@pytest.mark.parametrize("initializer_range", [0.02, 0.1])
+def test_head_weights_are_drawn_with_the_configured_initializer_range(tmp_path, initializer_range):
+    torch.manual_seed(0)
+    fresh = PRGForImageClassification(PRGConfig(num_labels=10, initializer_range=initializer_range))
+    PRGModel(PRGConfig()).save_pretrained(tmp_path)
+    from_flow = PRGForImageClassification.from_pretrained(tmp_path, num_labels=10, initializer_range=initializer_range)
+    for classifier in (fresh, from_flow):
+        for layer in (classifier.head.hidden, classifier.head.classifier):  # 768 × 768 and 10 × 768 weights
+            assert layer.weight.std().item() == pytest.approx(initializer_range, rel=0.05)
+            assert layer.weight.mean().abs().item() < 0.05 * initializer_range
+
+
+def test_classifier_without_head_bias_round_trips_exactly(tmp_path):
+    model = tiny_classifier(head_bias=False)
+    assert model.head.classifier.bias is None and model.head.hidden.bias is not None
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "head.classifier.bias" not in saved and "head.classifier.weight" in saved
+    assert set(saved) == set(model.state_dict())
+    reloaded = PRGForImageClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.head_bias is False and reloaded.head.classifier.bias is None
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    x = images()
+    with torch.no_grad():
+        assert (model(x).logits - reloaded(x).logits).abs().max().item() == 0.0
+    assert "head.classifier.bias" in tiny_classifier().state_dict()  # the default keeps the bias
+
+
+def test_flow_checkpoint_loads_into_a_classifier_without_head_bias(tmp_path):
+    flow = PRGModel(PRGConfig()).eval()
+    flow.save_pretrained(tmp_path)
+    classifier = PRGForImageClassification.from_pretrained(tmp_path, num_labels=5, head_bias=False).eval()
+    for name, tensor in flow.state_dict().items():
+        assert torch.equal(classifier.prg.state_dict()[name], tensor), name
+    assert classifier.head.classifier.bias is None and classifier.head.classifier.weight.shape == (5, 768)
+    for layer in (classifier.head.hidden, classifier.head.classifier):  # initialised afresh, N(0, 0.02)
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.equal(classifier.head.hidden.bias, torch.zeros(768))
+    logits = classifier(images()).logits
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()

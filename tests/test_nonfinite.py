@@ -11,15 +11,14 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_training import PRETRAIN_ARGS, communicate, launch, start, write_shapes
 from transformers import pipeline
 
 from prg_hub import PRGConfig, PRGForImageClassification, PRGImageProcessor, PRGModel
+from prg_hub.checkpointing import list_checkpoints
 from prg_hub.cli import main
-from prg_hub.finiteness import NonFiniteError, check_finite_weights
-from prg_hub.hub import push_model_to_hub
-from prg_hub.training import NonFiniteLossGuard, list_checkpoints
-
-from test_training import PRETRAIN_ARGS, communicate, launch, start, write_shapes
+from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard, check_finite_weights
+from prg_hub.hub_upload import push_model_to_hub
 
 IMAGE_SIZE = 16
 POISONED = "prg.velocity.network.conv_in.weight"  # the tensor given one NaN

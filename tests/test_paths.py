@@ -77,8 +77,3 @@ def test_flow_matching_loss_is_the_mean_squared_error_against_the_target_velocit
 
     loss = path.flow_matching_loss(velocity_off_by_one, x, generator=torch.Generator().manual_seed(3))
     assert loss.item() == pytest.approx(1.0, rel=1e-9)
-
-
-def test_unknown_path_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"Unknown path 'rectified'.*\['gvp', 'icfm', 'otcfm'\]"):
-        get_path("rectified")

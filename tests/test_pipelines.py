@@ -12,9 +12,11 @@ from transformers.pipelines import ImageClassificationPipeline, ImageFeatureExtr
 from prg_hub import (
     PRGConfig,
     PRGFeatureExtractor,
+    PRGForFlowMatching,
     PRGForImageClassification,
     PRGImageClassificationPipeline,
     PRGImageProcessor,
+    PRGModel,
 )
 
 LABELS = {0: "airplane", 1: "bird", 2: "ship"}
@@ -74,6 +76,20 @@ def test_feature_extraction_refuses_a_bad_feature_t(checkpoint, pil_images):
     extractor = pipeline("image-feature-extraction", model=str(checkpoint))
     with pytest.raises(ValueError, match=r"feature_t must be in \(0, 1\].*got 2"):
         extractor(pil_images[0], feature_t=2)
+
+
+def test_feature_extraction_pipeline_serves_a_flow_matching_checkpoint(tmp_path, pil_images):
+    """A pretraining checkpoint (tagged image-feature-extraction on the Hub) gives the features of its network."""
+    torch.manual_seed(0)
+    PRGForFlowMatching(PRGConfig(num_steps=2)).save_pretrained(tmp_path)
+    PRGImageProcessor().save_pretrained(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path))
+    assert type(extractor.model) is PRGModel
+    features = extractor(pil_images[0], pool=True, feature_t=0.5, return_tensors=True)
+    model = PRGModel.from_pretrained(tmp_path).eval()
+    pixel_values = PRGImageProcessor.from_pretrained(tmp_path)(pil_images[0], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(features, model(pixel_values, feature_t=0.5).pooler_output)
 
 
 def test_image_classification_pipeline_returns_labels_from_id2label(checkpoint, pil_images):

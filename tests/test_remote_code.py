@@ -11,12 +11,12 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import pipeline
 from transformers.models.vit import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-from prg_hub import PRGConfig, PRGForImageClassification, PRGModel, default_image_processor
-from prg_hub.hub import push_model_to_hub
+from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, PRGModel, default_image_processor
+from prg_hub.hub_upload import push_model_to_hub
 from prg_hub.remote_code import remote_code_files
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
@@ -69,6 +69,23 @@ print(chr(10) + json.dumps({  # after transformers' "run the custom code? [y/N]"
 }))
 """
 
+REMOTE_PRETRAINING = BLOCK_PRG_HUB + """
+import json
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForPreTraining
+
+folder, inputs, output = sys.argv[1:4]
+model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True)
+loss = model(load_file(inputs)["pixel_values"], generator=torch.Generator().manual_seed(0)).loss
+save_file({"loss": loss.detach()}, output)
+print(chr(10) + json.dumps({
+    "class": type(model).__name__,
+    "module": type(model).__module__,
+    "prg_hub_imported": any(name.split(".")[0] == "prg_hub" for name in sys.modules),
+}))
+"""
+
 
 def run_python(script: str, *args) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
@@ -103,6 +120,21 @@ def test_a_saved_checkpoint_carries_its_code_and_auto_maps(tmp_path):
     assert processor["auto_map"]["AutoImageProcessor"]["pil"] == "image_processing_prg.PRGImageProcessorPil"
     for source in remote_code_files():
         assert (tmp_path / source.name).read_bytes() == source.read_bytes()
+
+
+def test_a_saved_pretraining_checkpoint_loads_through_transformers_alone(tmp_path):
+    torch.manual_seed(0)
+    model = PRGForFlowMatching(PRGConfig(image_size=16))
+    model.save_pretrained(tmp_path / "checkpoint")
+    pixel_values = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
+
+    report = json.loads(run_python(REMOTE_PRETRAINING, tmp_path / "checkpoint", tmp_path / "inputs.safetensors",
+                                   tmp_path / "loss.safetensors").stdout.strip().splitlines()[-1])
+    assert report["class"] == "PRGForFlowMatching" and report["module"].startswith("transformers_modules.")
+    assert report["prg_hub_imported"] is False
+    expected = model(pixel_values, generator=torch.Generator().manual_seed(0)).loss.detach()
+    torch.testing.assert_close(load_file(tmp_path / "loss.safetensors")["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_pushed_checkpoint_works_through_transformers_alone(pushed_classifier, image_path, tmp_path):

@@ -25,23 +25,16 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from huggingface_hub import ModelCard
-
-from prg_hub import PRGConfig, PRGForImageClassification, PRGModel
-from prg_hub.hub import push_training_output
+from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, PRGModel
+from prg_hub.checkpointing import checkpoint_path, list_checkpoints, prune_checkpoints, resolve_checkpoint
 from prg_hub.presets import backbone_preset
-from prg_hub.training import (
-    FlowMatchingObjective,
-    checkpoint_path,
-    list_checkpoints,
-    parameters_sha256,
-    prune_checkpoints,
-    resolve_checkpoint,
-    resume_position,
-)
+from prg_hub.reproducibility import parameters_sha256
+from prg_hub.run_records import push_training_output
+from prg_hub.training_loop import TrainingProgress, resume_position
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "square", "triangle", "cross", "ring", "bar"]
@@ -161,7 +154,7 @@ def read_json(path: Path) -> dict:
 
 
 PRETRAIN_ARGS = [
-    "--image_size", IMAGE_SIZE, "--preset", "tiny", "--backbone", "unet2d", "--path", "otcfm",
+    "--image_size", IMAGE_SIZE, "--preset", "tiny", "--backbone", "unet2d", "--probability_path", "otcfm",
     "--max_train_samples", 64, "--train_batch_size", 8, "--gradient_accumulation_steps", 2,  # 2 steps per epoch
     "--learning_rate", 1e-3, "--lr_warmup_steps", 2, "--max_grad_norm", 1.0, "--use_ema", "--ema_decay", 0.9,
     "--checkpointing_steps", PRETRAIN_STEPS // 2, "--sample_every_steps", PRETRAIN_STEPS // 2,
@@ -181,10 +174,11 @@ def gray_shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pretrained(shapes, tmp_path_factory):
-    """A 2-process pretraining run of PRETRAIN_STEPS steps, checkpointing at half way: (output_dir, result)."""
+    """A 2-process pretraining run of PRETRAIN_STEPS steps, checkpointing at half way, recording its batches and
+    weights: (output_dir, result)."""
     output_dir = tmp_path_factory.mktemp("pretrain") / "run"
     result = launch("pretrain.py", ["--dataset", shapes, "--output_dir", output_dir,
-                                    "--max_train_steps", PRETRAIN_STEPS, *PRETRAIN_ARGS])
+                                    "--max_train_steps", PRETRAIN_STEPS, *PRETRAIN_ARGS, "--record_batches"])
     return output_dir, result
 
 
@@ -197,13 +191,14 @@ FINETUNE_ARGS = [
 
 @pytest.fixture(scope="session")
 def finetuned(pretrained, shapes, tmp_path_factory):
-    """The same finetuning twice: 2 processes with batch 8 and 1 process with batch 16. {processes: (dir, result)}."""
+    """The same finetuning twice, recording its batches: 2 processes with batch 8 and 1 process with batch 16.
+    {processes: (dir, result)}."""
     flow_dir, _ = pretrained
     runs = {}
     for num_processes, batch_size in ((2, 8), (1, 16)):
         output_dir = tmp_path_factory.mktemp("finetune") / f"{num_processes}proc"
         args = ["--model_name_or_path", flow_dir, "--dataset", shapes, "--output_dir", output_dir,
-                "--train_batch_size", batch_size, *FINETUNE_ARGS]
+                "--train_batch_size", batch_size, *FINETUNE_ARGS, "--record_batches"]
         runs[num_processes] = (output_dir, launch("finetune.py", args, num_processes))
     return runs
 
@@ -225,10 +220,10 @@ def test_pretrain_distributed_processes_train_one_model(pretrained):
     # ... yet both hold bit-identical weights, which moved away from the initialisation: gradients were averaged.
     assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
     assert ranks[0]["parameters_sha256"] != metrics["initial_parameters_sha256"]
-    # The recorded weights are the ones in the last checkpoint (the training state holds the objective module).
-    raw = FlowMatchingObjective(PRGModel(PRGConfig.from_pretrained(output_dir)))
+    # The recorded weights are the ones in the last checkpoint (the training state holds the PRGForFlowMatching).
+    raw = PRGForFlowMatching(PRGConfig.from_pretrained(output_dir))
     raw.load_state_dict(load_file(checkpoint_path(output_dir, PRETRAIN_STEPS) / "model.safetensors"))
-    assert parameters_sha256(raw.prg) == ranks[0]["parameters_sha256"]
+    assert parameters_sha256(raw) == ranks[0]["parameters_sha256"]
 
     summary = summary_line(result, "pretrain")
     assert summary["steps"] == str(PRETRAIN_STEPS) and summary["weights"] == "ema"
@@ -240,7 +235,8 @@ def test_pretrain_distributed_processes_train_one_model(pretrained):
 def test_pretrain_output_loads_and_saves_sample_grids(pretrained):
     output_dir, _ = pretrained
     model = PRGModel.from_pretrained(output_dir)
-    assert (model.config.path, model.config.backbone_type, model.config.image_size) == ("otcfm", "unet2d", IMAGE_SIZE)
+    config = model.config
+    assert (config.probability_path, config.backbone_type, config.image_size) == ("otcfm", "unet2d", IMAGE_SIZE)
     assert read_json(output_dir / "preprocessor_config.json")["size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     assert not list(output_dir.glob("*.bin")) and not list(output_dir.glob("*.pt"))
     for step in (PRETRAIN_STEPS // 2, PRETRAIN_STEPS):
@@ -248,7 +244,7 @@ def test_pretrain_output_loads_and_saves_sample_grids(pretrained):
         assert grid.size == (3 * IMAGE_SIZE, 2 * IMAGE_SIZE)  # 6 images: 2 rows of 3
         assert np.asarray(grid).std() > 1  # not a blank image
     args = read_json(output_dir / "args.json")
-    assert args["path"] == "otcfm" and args["max_train_steps"] == PRETRAIN_STEPS
+    assert args["probability_path"] == "otcfm" and args["max_train_steps"] == PRETRAIN_STEPS
     images = model.generate(2, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
 
@@ -419,21 +415,27 @@ def test_generate_writes_a_grid_of_distinct_images(pretrained, tmp_path):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def test_flow_matching_objective_is_the_models_loss():
-    config = PRGConfig(backbone_config=backbone_preset("unet2d", "tiny", 8), path="icfm")
-    model = PRGModel(config)
-    images = torch.rand(4, 3, 8, 8) * 2 - 1
-    torch.manual_seed(3)
-    expected = model.flow_matching_loss(images)
-    torch.manual_seed(3)
-    assert torch.equal(FlowMatchingObjective(model)(images), expected)
-
-
 def test_resume_position_counts_accumulated_steps():
     assert resume_position(0, batches_per_epoch=8, gradient_accumulation_steps=2) == (0, 0)
     assert resume_position(3, batches_per_epoch=8, gradient_accumulation_steps=2) == (0, 6)
     assert resume_position(4, batches_per_epoch=8, gradient_accumulation_steps=2) == (1, 0)
     assert resume_position(5, batches_per_epoch=5, gradient_accumulation_steps=2) == (1, 4)  # 3 steps per epoch
+
+
+def test_training_progress_runs_the_remaining_epochs_until_max_train_steps():
+    progress = TrainingProgress(batches_per_epoch=5, gradient_accumulation_steps=2, num_train_epochs=4)
+    assert (progress.steps_per_epoch, progress.max_train_steps, progress.num_train_epochs) == (3, 12, 4)
+    progress = TrainingProgress(batches_per_epoch=5, gradient_accumulation_steps=2, num_train_epochs=4,
+                                max_train_steps=7)  # overrides the epochs: 7 steps end in epoch 2
+    assert progress.num_train_epochs == 3
+    progress.global_step = 4  # resumed mid-epoch 1
+    epochs = []
+    for epoch in progress.remaining_epochs():
+        epochs.append(epoch)
+        progress.global_step = min(3 * (epoch + 1), progress.max_train_steps)  # what the epoch's loop trains
+        assert progress.epoch_finished
+    assert epochs == [1, 2] and progress.finished
+    assert list(progress.remaining_epochs()) == []  # a finished run trains nothing more
 
 
 def test_checkpoint_selection_and_pruning(tmp_path):
@@ -469,6 +471,13 @@ def test_every_recipe_is_valid_for_its_script(recipe):
         assert args.augmentation == "randaugment" and args.learning_rate is None
     if recipe.stem == "tiny_imagenet_finetune":
         assert args.num_steps == 4 and args.feature_t == pytest.approx(4 / 19)
+    released = "_budget" not in recipe.stem  # the paper recipes set the released code's values
+    if script.__name__ == "example_pretrain":
+        expected = (0.0, 1.0, 0.25) if released else (None, 1000.0, 0.0)
+        assert (args.dropout, args.time_scale, args.random_erasing) == expected
+    else:
+        expected = (False, 1e-3, 1e-2) if released else (True, 0.0, 0.0)
+        assert (args.head_bias, args.warmup_start_lr_ratio, args.min_lr_ratio) == expected
 
 
 def test_recipe_errors_name_the_bad_key_or_value(tmp_path, capsys):

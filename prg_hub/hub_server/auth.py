@@ -1,4 +1,4 @@
-"""Who may do what on the local hub server: tokens and their roles, and signed LFS upload URLs.
+"""Who may do what on the local hub server: tokens and their roles, access rules, and signed LFS upload URLs.
 
 A token file holds one token per line, ``TOKEN NAME ROLE`` separated by whitespace; blank lines and lines
 starting with ``#`` are ignored. ``NAME`` is what ``/api/whoami-v2`` reports and the namespace of the repos the
@@ -13,6 +13,13 @@ admin  delete repos
 A client that sends no token is anonymous: it reads public repos only, unless the server lets anonymous
 clients write (then they act with the ``write`` role). There are no per-user or per-namespace rights: any
 token with ``write`` may commit to any repo, and any valid token may read every private repo.
+
+Refusals (:class:`AccessRules`): a token the server does not know is :class:`~.errors.Unauthenticated` on every
+request, even for public reads. A private repo is :class:`~.errors.RepoNotFound`, as on the Hub, to clients
+without the ``read`` role. Lacking a role is :class:`~.errors.Unauthenticated` for anonymous clients and
+:class:`~.errors.PermissionDenied` for tokens. Without a token file the server knows no token: the
+``Authorization`` header is ignored, every client is anonymous, and lacking a role is
+:class:`~.errors.PermissionDenied`, since no token could help.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from .hub_storage import is_valid_name
+from .errors import PermissionDenied, RepoNotFound, Unauthenticated
+from .names import is_valid_name
 
 ROLES = ("read", "write", "admin")
 LFS_URL_TTL_S = 3600  # how long an upload URL handed out by the LFS batch endpoint stays valid
+# The message huggingface_hub recognises as a bad token (other refusals on repo URLs become RepositoryNotFoundError).
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
 
 class TokenFileError(ValueError):
@@ -95,6 +105,53 @@ class TokenTable:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+class AccessRules:
+    """Who sends a request, and whether that identity may do what it asks (rules in the module docstring).
+
+    Args:
+        tokens: the token file's table, or None for a server without one.
+        allow_anonymous_writes: clients without a token act with the ``write`` role.
+    """
+
+    def __init__(self, tokens: TokenTable | None, allow_anonymous_writes: bool = False):
+        self.tokens, self.allow_anonymous_writes = tokens, allow_anonymous_writes
+
+    def identify(self, authorization: str | None) -> Identity:
+        """The identity of a request's ``Authorization`` header (None when absent); Unauthenticated for a bad one."""
+        if self.tokens is None or authorization is None:
+            return ANONYMOUS_WRITER if self.allow_anonymous_writes else ANONYMOUS
+        scheme, _, token = authorization.strip().partition(" ")
+        identity = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+        if identity is None:
+            raise Unauthenticated(INVALID_CREDENTIALS)
+        return identity
+
+    def require(self, identity: Identity, role: str) -> None:
+        """Refuse unless ``identity`` holds ``role``: Unauthenticated for anonymous clients, else PermissionDenied."""
+        if identity.can(role):
+            return
+        if identity.name is not None:
+            raise PermissionDenied(f"The token of {identity.name} has the {identity.role} role; "
+                                   f"this needs the {role} role")
+        if self.tokens is None:
+            raise PermissionDenied(f"This needs a token with the {role} role, and this server knows no tokens: "
+                                   "start it with --token-file FILE (or, on a loopback address, "
+                                   "--allow-anonymous-writes)")
+        raise Unauthenticated(f"Authentication required: this needs a token with the {role} role "
+                              "(Authorization: Bearer TOKEN)")
+
+    def require_on_repo(self, identity: Identity, repo_id: str, private: bool, role: str) -> None:
+        """Refuse unless ``identity`` may act with ``role`` on a repo.
+
+        A private repo, without the ``read`` role, is RepoNotFound. Anyone may read a public repo; other roles
+        are checked by :meth:`require`.
+        """
+        if private and not identity.can("read"):
+            raise RepoNotFound(repo_id)
+        if role != "read":
+            self.require(identity, role)
 
 
 class UploadSigner:

@@ -21,14 +21,15 @@ Writers to one repo (create, delete, commit, branch changes) take an exclusive `
 file for the whole read-refs, write-commit, replace-refs sequence. The lock works between threads and between
 processes, so several servers may share one ``root`` (on a local file system: ``flock`` over NFS is not
 reliable). The kernel releases it when its holder dies, so a killed server never leaves a stale lock. A writer
-waits at most ``lock_timeout_s`` for it, then gets a 503. Reads take no lock.
+waits at most ``lock_timeout_s`` for it, then gets :class:`~prg_hub.hub_server.errors.RepoBusy`. Reads take no
+lock.
 
 Temporary files are named after the host and process that write them. At start-up a server removes those it
 can tell are abandoned: written by a process of this host that no longer runs, or, from any host, not modified
 for ``TMP_MAX_AGE_S``. Files of a live server sharing the root are left alone.
 
-File paths are only keys of a commit's tree and never reach the file system, and every path and repo id is
-checked anyway: ``..`` or ``.`` segments, absolute paths, backslashes and NUL bytes are refused with 400.
+Repo ids, branch names and paths are checked by :mod:`prg_hub.hub_server.names`. Refusals are the domain errors
+of :mod:`prg_hub.hub_server.errors`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -48,6 +48,19 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
+
+from .errors import (
+    AlreadyExists,
+    EntryNotFound,
+    InvalidRequest,
+    PermissionDenied,
+    RepoBusy,
+    RepoExists,
+    RepoNotFound,
+    RevisionConflict,
+    RevisionNotFound,
+)
+from .names import SHA1_RE, SHA256_RE, check_branch_name, check_path, check_repo_id
 
 REPO_TYPES = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
@@ -63,66 +76,10 @@ LFS_SUFFIXES = (
 REGULAR_MAX_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
 
-# Words that begin Hub URLs; no namespace or repo name may be one of them (compared case-insensitively).
-RESERVED_NAMES = frozenset({"api", "datasets", "models", "spaces"})
-# Path words that follow a repo id in /api URLs; they cannot be repo names.
-API_ACTIONS = frozenset(
-    {"revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch", "lfs-objects",
-     "lfs-verify", "resolve"}
-)
 LOCK_TIMEOUT_S = 30.0
 TMP_MAX_AGE_S = 24 * 3600
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_BRANCH_RE = re.compile(r"[A-Za-z0-9._/-]{1,200}")
-SHA1_RE = re.compile(r"[0-9a-f]{40}")
-SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HOST = socket.gethostname()
-
-
-class HubError(Exception):
-    """An error answered to the client: HTTP status, message, and the ``X-Error-Code`` the client maps."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-def repo_not_found(repo_id: str) -> HubError:
-    return HubError(404, f"Repository not found: {repo_id}", "RepoNotFound")
-
-
-def revision_not_found(revision: str) -> HubError:
-    return HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-
-def entry_not_found(path: str, commit: str) -> HubError:
-    return HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit})
-
-
-def is_valid_name(name: str) -> bool:
-    """Whether ``name`` may be a namespace or a repo name: safe characters, not reserved, not a URL word."""
-    return bool(_NAME_RE.fullmatch(name)) and "--" not in name and ".." not in name \
-        and name.lower() not in RESERVED_NAMES | API_ACTIONS and not name.endswith(".git")
-
-
-def check_repo_id(repo_id: str) -> str:
-    """Return ``repo_id`` if it is ``name`` or ``org/name`` made of valid names, else raise a 400."""
-    parts = repo_id.split("/") if isinstance(repo_id, str) else []
-    if not (1 <= len(parts) <= 2 and all(is_valid_name(part) for part in parts)):
-        reserved = ", ".join(sorted(RESERVED_NAMES))
-        raise HubError(400, f"Invalid repo id: {repo_id!r} (org/name of letters, digits, '.', '_' and '-'; "
-                            f"neither part may be one of {reserved})")
-    return repo_id
-
-
-def check_path(path: str) -> str:
-    """Return ``path`` if it is a safe relative path inside a repo, else raise a 400."""
-    if not isinstance(path, str) or not path or "\x00" in path or "\\" in path or path.startswith("/") or any(
-        part in ("", ".", "..") for part in path.split("/")
-    ):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
-    return path
 
 
 def find_path_conflict(tree: dict, paths: Iterable[str]) -> tuple[str, str] | None:
@@ -153,7 +110,7 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: UP017 - datetime.UTC needs 3.11
 
 
 def _process_is_gone(pid: int) -> bool:
@@ -218,7 +175,7 @@ class HubStorage:
 
     @contextlib.contextmanager
     def _repo_lock(self, repo_type: str, repo_id: str) -> Iterator[None]:
-        """Hold the repo's lock file exclusively (between threads and processes); 503 after ``lock_timeout_s``."""
+        """Hold the repo's lock file exclusively (between threads and processes); RepoBusy after ``lock_timeout_s``."""
         path = self.root / "locks" / f"{repo_type}s" / f"{self._repo_dir(repo_type, repo_id).name}.lock"
         path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -232,8 +189,8 @@ class HubStorage:
                     if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                         raise
                 if time.monotonic() >= deadline:
-                    raise HubError(503, f"{repo_id} is busy: another write held its lock for more than "
-                                        f"{self.lock_timeout_s:g} s; retry later", headers={"Retry-After": "1"})
+                    raise RepoBusy(f"{repo_id} is busy: another write held its lock for more than "
+                                   f"{self.lock_timeout_s:g} s; retry later")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
             yield
@@ -256,7 +213,7 @@ class HubStorage:
     def put_blob(self, chunks: Iterable[bytes], expected_sha256: str | None = None) -> tuple[str, int]:
         """Store a blob from byte chunks and return ``(sha256, size)``; a blob already stored is kept as is.
 
-        With ``expected_sha256``, content that hashes differently is discarded and refused with a 400.
+        With ``expected_sha256``, content that hashes differently is discarded and refused (InvalidRequest).
         """
         digest, size = hashlib.sha256(), 0
         tmp = self._tmp_path()
@@ -270,7 +227,7 @@ class HubStorage:
                 os.fsync(f.fileno())
             sha256 = digest.hexdigest()
             if expected_sha256 is not None and sha256 != expected_sha256:
-                raise HubError(400, f"Content sha256 {sha256} does not match the announced oid {expected_sha256}")
+                raise InvalidRequest(f"Content sha256 {sha256} does not match the announced oid {expected_sha256}")
             target = self.blob_path(sha256)
             if not target.exists():
                 target.parent.mkdir(exist_ok=True)
@@ -283,21 +240,21 @@ class HubStorage:
 
     def _repo_dir(self, repo_type: str, repo_id: str) -> Path:
         if repo_type not in REPO_TYPES:
-            raise HubError(400, f"Invalid repo type: {repo_type!r}")
+            raise InvalidRequest(f"Invalid repo type: {repo_type!r}")
         return self.root / "repos" / f"{repo_type}s" / check_repo_id(repo_id).replace("/", "--")
 
     def _existing_repo_dir(self, repo_type: str, repo_id: str) -> Path:
         repo_dir = self._repo_dir(repo_type, repo_id)
         if not (repo_dir / "refs.json").is_file():
-            raise repo_not_found(repo_id)
+            raise RepoNotFound(repo_id)
         return repo_dir
 
-    def create_repo(self, repo_type: str, repo_id: str, private: bool = False, author: str = LOCAL_USER) -> bool:
-        """Create a repo whose first commit holds a ``.gitattributes``; return False if it already exists."""
+    def create_repo(self, repo_type: str, repo_id: str, private: bool = False, author: str = LOCAL_USER) -> None:
+        """Create a repo whose first commit holds a ``.gitattributes``; RepoExists if it already exists."""
         repo_dir = self._repo_dir(repo_type, repo_id)
         with self._repo_lock(repo_type, repo_id):
             if repo_dir.exists():
-                return False
+                raise RepoExists()
             content = GITATTRIBUTES.encode()
             sha256, size = self.put_blob([content])
             tree = {".gitattributes": {"sha256": sha256, "size": size, "oid": git_blob_id(content), "lfs": False}}
@@ -310,7 +267,6 @@ class HubStorage:
             self._write_json_atomic(staging / "refs.json", {DEFAULT_BRANCH: commit["id"]})
             repo_dir.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, repo_dir)
-            return True
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
         """Delete a repo's refs and commits (its blobs stay, they may be shared)."""
@@ -338,7 +294,7 @@ class HubStorage:
             return refs[revision]
         if SHA1_RE.fullmatch(revision) and self._commit_file(repo_type, repo_id, revision).is_file():
             return revision
-        raise revision_not_found(revision)
+        raise RevisionNotFound(revision)
 
     def _commit_file(self, repo_type: str, repo_id: str, commit_id: str) -> Path:
         return self._repo_dir(repo_type, repo_id) / "commits" / f"{commit_id}.json"
@@ -356,15 +312,13 @@ class HubStorage:
         return commits
 
     def create_branch(self, repo_type: str, repo_id: str, branch: str, starting_point: str | None = None) -> None:
-        """Create ``branch`` at ``starting_point`` (default: the default branch); 409 if it exists."""
-        if not _BRANCH_RE.fullmatch(branch) or SHA1_RE.fullmatch(branch) or ".." in branch or "//" in branch \
-                or branch.startswith(("/", "refs/")) or branch.endswith(("/", ".lock")):
-            raise HubError(400, f"Invalid branch name: {branch!r}")
+        """Create ``branch`` at ``starting_point`` (default: the default branch); AlreadyExists if it exists."""
+        check_branch_name(branch)
         with self._repo_lock(repo_type, repo_id):
             repo_dir = self._existing_repo_dir(repo_type, repo_id)
             refs = self.refs(repo_type, repo_id)
             if branch in refs:
-                raise HubError(409, f"Branch {branch} already exists")
+                raise AlreadyExists(f"Branch {branch} already exists")
             refs[branch] = self.resolve(repo_type, repo_id, starting_point or DEFAULT_BRANCH)
             self._write_json_atomic(repo_dir / "refs.json", refs)
 
@@ -374,9 +328,9 @@ class HubStorage:
             repo_dir = self._existing_repo_dir(repo_type, repo_id)
             refs = self.refs(repo_type, repo_id)
             if branch not in refs:
-                raise revision_not_found(branch)
+                raise RevisionNotFound(branch)
             if branch == DEFAULT_BRANCH:
-                raise HubError(403, "The default branch cannot be deleted")
+                raise PermissionDenied("The default branch cannot be deleted")
             del refs[branch]
             self._write_json_atomic(repo_dir / "refs.json", refs)
 
@@ -400,19 +354,20 @@ class HubStorage:
     ) -> str:
         """Apply ``operations`` in order on top of ``branch`` as one new commit and return its id.
 
-        Raises 412 if ``parent_commit`` is given and is not the branch head, 400 for an LFS object that was
-        never uploaded or for an added path that is both a file and a folder in the resulting tree (like ``cfg``
-        and ``cfg/inner.txt``), 404 ``EntryNotFound`` for deleting a path that does not exist.
+        Raises RevisionConflict if ``parent_commit`` is given and is not the branch head; InvalidRequest for a
+        revision that is not a branch, an LFS object that was never uploaded or an added path that is both a file
+        and a folder in the resulting tree (like ``cfg`` and ``cfg/inner.txt``); EntryNotFound for deleting a path
+        that does not exist.
         """
         with self._repo_lock(repo_type, repo_id):
             repo_dir = self._existing_repo_dir(repo_type, repo_id)
             refs = self.refs(repo_type, repo_id)
             if branch not in refs:
-                self.resolve(repo_type, repo_id, branch)  # 404 RevisionNotFound unless it is a commit id
-                raise HubError(400, "Commits can only be made on a branch")
+                self.resolve(repo_type, repo_id, branch)  # RevisionNotFound unless it is a commit id
+                raise InvalidRequest("Commits can only be made on a branch")
             head = refs[branch]
             if parent_commit is not None and parent_commit != head:
-                raise HubError(412, f"Parent commit {parent_commit} is not the head of {branch} ({head})")
+                raise RevisionConflict(f"Parent commit {parent_commit} is not the head of {branch} ({head})")
             tree = dict(self.read_commit(repo_type, repo_id, head)["tree"])
             added = []
             for op in operations:
@@ -424,22 +379,22 @@ class HubStorage:
                 elif op.kind == "lfsFile":
                     size = self.blob_size(op.oid)
                     if size is None or (op.size is not None and op.size != size):
-                        raise HubError(400, f"LFS object {op.oid} ({path}) was not uploaded")
+                        raise InvalidRequest(f"LFS object {op.oid} ({path}) was not uploaded")
                     oid = git_blob_id(lfs_pointer(op.oid, size))
                     tree[path] = {"sha256": op.oid, "size": size, "oid": oid, "lfs": True}
                     added.append(path)
                 elif op.kind == "deletedFile":
                     if tree.pop(path, None) is None:
-                        raise entry_not_found(path, head)
+                        raise EntryNotFound(path, head)
                 else:
                     inside = [p for p in tree if p.startswith(path + "/")]
                     if not inside:
-                        raise entry_not_found(path, head)
+                        raise EntryNotFound(path, head)
                     for p in inside:
                         del tree[p]
             conflict = find_path_conflict(tree, [path for path in added if path in tree])
             if conflict is not None:
-                raise HubError(400, f"{conflict[0]!r} would be both a file and a folder (it holds {conflict[1]!r})")
+                raise InvalidRequest(f"{conflict[0]!r} would be both a file and a folder (it holds {conflict[1]!r})")
             commit = self._new_commit([head], tree, title, message, author)
             self._write_json_atomic(repo_dir / "commits" / f"{commit['id']}.json", commit)
             refs[branch] = commit["id"]
