@@ -20,7 +20,7 @@ setup(
     install_requires=[
         "torch>=2.11",
         "diffusers>=0.35.2",
-        "transformers>=5.4",
+        "transformers>=5.10.1",
         "huggingface_hub>=1.5",
         "safetensors>=0.4.3",
         "torchdiffeq>=0.2.5",
