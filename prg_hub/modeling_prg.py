@@ -381,7 +381,9 @@ class PRGForImageClassification(PRGPreTrainedModel):
             self._check_labels(labels, pixel_values.shape[0])
             loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
             if self.config.fm_loss_weight > 0:
-                loss = loss + self.config.fm_loss_weight * self.prg.flow_matching_loss(pixel_values)
+                # pixel_values passed self.prg's check above: L_FM straight from the path, without a second host sync
+                fm_loss = self.prg.probability_path.flow_matching_loss(self.prg.velocity, pixel_values.to(self.dtype))
+                loss = loss + self.config.fm_loss_weight * fm_loss
 
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
 

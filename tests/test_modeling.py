@@ -139,6 +139,16 @@ def test_classifier_loss_adds_beta_times_flow_matching_loss_exactly_when_beta_po
         assert flow_matching.item() > 1e-3  # so the β > 0 case really adds something
 
 
+def test_a_classifier_training_step_checks_its_pixel_values_once(monkeypatch):
+    """The check reads the batch back to the host; with β > 0 the flow-matching term must not read it again."""
+    model = tiny_classifier(fm_loss_weight=0.5)
+    checked = []
+    original = PRGModel.check_pixel_values
+    monkeypatch.setattr(PRGModel, "check_pixel_values", lambda self, x: checked.append(x) or original(self, x))
+    model(images(), labels=torch.tensor([0, 2])).loss.backward()
+    assert len(checked) == 1
+
+
 def test_generate_returns_images_in_range():
     model = PRGModel(PRGConfig(num_steps=2)).eval()
     first = model.generate(num_images=3, generator=torch.Generator().manual_seed(0))
