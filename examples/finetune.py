@@ -40,6 +40,7 @@ from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
 from prg_hub.data import get_dataloaders, load_image_dataset
+from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard, check_finite_weights
 from prg_hub.lr_schedules import warmup_cosine_schedule
 from prg_hub.presets import PRESETS, backbone_preset
@@ -88,7 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--augmentation", choices=AUGMENTATIONS, default="crop_flip")
     data.add_argument("--random_erasing", type=float, default=0.0, help="Probability (official recipe: 0.25).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader", choices=DATALOADERS, default="auto",
+                      help="Training data. device: decoded once onto the accelerator, augmented there; stream: PIL "
+                           "per sample every epoch; auto: device when the augmentation runs there and the split fits "
+                           "(prg_hub/device_data.py). Evaluation always streams.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the stream path.")
     data.add_argument("--cache_dir", default=None)
 
     optim = parser.add_argument_group("optimisation")
@@ -222,19 +227,19 @@ def training_function(args: argparse.Namespace) -> None:
     model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
-    train_dataloader, eval_dataloader = get_dataloaders(
-        image_data,
-        default_image_processor(image_size),
-        train_split=args.train_split,
-        eval_split=args.eval_split,
-        train_batch_size=args.train_batch_size,
-        eval_batch_size=args.eval_batch_size,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-        augmentation=TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing),
-        seed=args.seed,
-        num_workers=args.dataloader_num_workers,
-    )
+    augmentation = TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing)
+    data_path = resolve_dataloader(args.dataloader, augmentation, len(image_data.split(args.train_split,
+                                   args.max_train_samples)), image_size, accelerator.device)
+    train_options = dict(train_split=args.train_split, train_batch_size=args.train_batch_size,
+                         max_train_samples=args.max_train_samples, augmentation=augmentation, seed=args.seed)
+    eval_options = dict(eval_split=args.eval_split, eval_batch_size=args.eval_batch_size,
+                        max_eval_samples=args.max_eval_samples, num_workers=args.dataloader_num_workers)
+    processor = default_image_processor(image_size)
+    if data_path == "device":
+        train_dataloader = device_train_dataloader(image_data, processor, accelerator.device, **train_options)
+        _, eval_dataloader = get_dataloaders(image_data, processor, **eval_options)
+    else:
+        train_dataloader, eval_dataloader = get_dataloaders(image_data, processor, **train_options, **eval_options)
     num_train, num_eval = len(train_dataloader.dataset), len(eval_dataloader.dataset)
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -257,7 +262,7 @@ def training_function(args: argparse.Namespace) -> None:
     if args.report_to:
         accelerator.init_trackers("prg-finetune", config={k: v for k, v in vars(args).items() if v is not None})
     logger.info(
-        f"{num_train} train / {num_eval} eval images, {len(image_data.label_names)} classes, "
+        f"{num_train} train ({data_path} data) / {num_eval} eval images, {len(image_data.label_names)} classes, "
         f"global batch {global_batch}, lr {learning_rate:.3g}, {progress.steps_per_epoch} steps per epoch, "
         f"{progress.max_train_steps} steps, {num_warmup_steps} warm-up steps"
     )

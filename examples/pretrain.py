@@ -39,6 +39,7 @@ from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
 from prg_hub.data import get_dataloaders, load_image_dataset
+from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard
 from prg_hub.image_grid import save_image_grid
 from prg_hub.presets import PRESETS, backbone_preset
@@ -61,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--augmentation", choices=AUGMENTATIONS, default="flip")
     data.add_argument("--random_erasing", type=float, default=0.0,
                       help="Probability of random erasing after normalisation (released code: 0.25).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader", choices=DATALOADERS, default="auto",
+                      help="device: decode the split once onto the accelerator and augment batches there; stream: "
+                           "PIL per sample every epoch; auto: device when the augmentation runs there and the split "
+                           "fits (prg_hub/device_data.py).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the stream path.")
     data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
 
     model = parser.add_argument_group("model")
@@ -157,22 +162,23 @@ def training_function(args: argparse.Namespace) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "args.json", vars(args))
 
-    # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch.
+    # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch,
+    # the same batches whether they are made on the device or streamed through PIL.
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
     )
-    train_dataloader, _ = get_dataloaders(
-        image_data,
-        default_image_processor(args.image_size),
-        train_split=args.train_split,
-        train_batch_size=args.train_batch_size,
-        max_train_samples=args.max_train_samples,
-        augmentation=TrainAugmentation(args.augmentation, args.image_size, random_erasing=args.random_erasing),
-        drop_last=True,
-        labels=False,
-        seed=args.seed,
-        num_workers=args.dataloader_num_workers,
-    )
+    augmentation = TrainAugmentation(args.augmentation, args.image_size, random_erasing=args.random_erasing)
+    data_path = resolve_dataloader(args.dataloader, augmentation, len(image_data.split(args.train_split,
+                                   args.max_train_samples)), args.image_size, accelerator.device)
+    train_options = dict(train_split=args.train_split, train_batch_size=args.train_batch_size,
+                         max_train_samples=args.max_train_samples, augmentation=augmentation, drop_last=True,
+                         labels=False, seed=args.seed)
+    processor = default_image_processor(args.image_size)
+    if data_path == "device":
+        train_dataloader = device_train_dataloader(image_data, processor, accelerator.device, **train_options)
+    else:
+        train_dataloader, _ = get_dataloaders(image_data, processor, num_workers=args.dataloader_num_workers,
+                                              **train_options)
 
     # Model: identical initialisation on every process; then a different noise stream per process.
     set_seed(args.seed)
@@ -215,8 +221,9 @@ def training_function(args: argparse.Namespace) -> None:
     unwrapped = accelerator.unwrap_model(model)
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"{len(train_dataloader.dataset)} images, {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
-        f"global batch {global_batch}, {progress.steps_per_epoch} steps per epoch, {progress.max_train_steps} steps"
+        f"{len(train_dataloader.dataset)} images ({data_path} data), "
+        f"{unwrapped.num_parameters() / 1e6:.2f}M parameters, global batch {global_batch}, "
+        f"{progress.steps_per_epoch} steps per epoch, {progress.max_train_steps} steps"
     )
     progress.resume(accelerator, output_dir, args.resume_from_checkpoint, ema=ema)
 

@@ -268,6 +268,26 @@ def test_pretrain_resume_matches_uninterrupted_run(pretrained, shapes, tmp_path)
         assert torch.allclose(state["exp_avg_sq"], optimizer_states[1][key]["exp_avg_sq"], rtol=0, atol=1e-9)
 
 
+def test_pretrain_on_device_data_trains_the_same_weights_as_streamed_data(shapes, tmp_path):
+    """2 processes, no augmentation: the device path feeds every process the batches the PIL path does, pixel for
+    pixel, so both runs take the same global batches and end with bit-identical weights."""
+    records = {}
+    for dataloader in ("device", "stream"):
+        output_dir = tmp_path / dataloader
+        result = launch("pretrain.py", ["--dataset", shapes, "--output_dir", output_dir, *PRETRAIN_ARGS,
+                                        "--max_train_steps", 2, "--augmentation", "none", "--dataloader", dataloader,
+                                        "--record_batches"])
+        assert f"({dataloader} data)" in result.stderr
+        records[dataloader] = read_json(output_dir / "metrics.json")
+    device, stream = records["device"], records["stream"]
+    assert device["num_processes"] == 2
+    assert device["global_batches_sha256"] == stream["global_batches_sha256"]
+    for device_rank, stream_rank in zip(device["processes"], stream["processes"]):
+        assert device_rank["sample_indices_sha256"] == stream_rank["sample_indices_sha256"]
+        assert device_rank["parameters_sha256"] == stream_rank["parameters_sha256"]
+    assert device["processes"][0]["parameters_sha256"] != device["initial_parameters_sha256"]
+
+
 # ----------------------------------------------------------------------------------------------- finetuning
 
 
