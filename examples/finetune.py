@@ -41,6 +41,7 @@ from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
 from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
+from prg_hub.fast_step import add_fast_step_arguments, resolve_fast_step, speed_up
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard, check_finite_weights
 from prg_hub.lr_schedules import warmup_cosine_schedule
 from prg_hub.presets import PRESETS, backbone_preset
@@ -126,6 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="Record a SHA-256 digest of the global batches in metrics.json (one gather per step).")
     run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
     run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
+    add_fast_step_arguments(parser)
     args = parse_args_with_recipe(parser, argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name.")
@@ -214,6 +216,7 @@ def training_function(args: argparse.Namespace) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logger.info(accelerator.state, main_process_only=False)
+    resolve_fast_step(args, accelerator.device)  # --compile, --channels_last, --fused_optimizer: on for CUDA
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +228,7 @@ def training_function(args: argparse.Namespace) -> None:
     set_seed(args.seed)  # the same head initialisation on every process
     model = build_model(args, image_data.label_names)
     model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
+    speed_up(model.prg, args)
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
     augmentation = TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing)
@@ -244,7 +248,8 @@ def training_function(args: argparse.Namespace) -> None:
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate if args.learning_rate is not None else 1.25e-4 * global_batch / 512
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
+                                  fused=args.fused_optimizer)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )

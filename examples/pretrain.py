@@ -8,9 +8,11 @@ Objective (`PRGForFlowMatching`): for images x (B, 3, H, W) in [-1, 1], noise ε
 with (α, σ) and the coupling of (x, ε) given by --probability_path (gvp, icfm, otcfm; see prg_hub/paths.py).
 
 One optimizer step sees train_batch_size · num_processes · gradient_accumulation_steps images; every process
-draws its own batch and its own noise (the seed is offset by the process index), and Accelerate averages the
-gradients, so every process holds the same weights. The final `metrics.json` records, per process, its mean loss
-and, with --record_batches, a SHA-256 of its weights and of the sample indices it trained on.
+draws its own batch, its own times t (the seed is offset by the process index) and its own noise ε (seeded by the
+seed, the process index and the batch's place in the epoch, and paired with the batch one batch ahead in a worker
+thread: prg_hub/noise_pairing.py), and Accelerate averages the gradients, so every process holds the same weights.
+The final `metrics.json` records, per process, its mean loss and, with --record_batches, a SHA-256 of its weights
+and of the sample indices it trained on.
 
 Outputs in --output_dir: the model (`PRGForFlowMatching`, which `PRGModel.from_pretrained(output_dir)` and
 `PRGForImageClassification.from_pretrained(output_dir)` load too; EMA weights when --use_ema),
@@ -40,8 +42,10 @@ from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
 from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
+from prg_hub.fast_step import add_fast_step_arguments, resolve_fast_step, speed_up
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard
 from prg_hub.image_grid import save_image_grid
+from prg_hub.noise_pairing import NoisePairing
 from prg_hub.presets import PRESETS, backbone_preset
 from prg_hub.recipes import parse_args_with_recipe
 from prg_hub.reproducibility import BatchRecord, parameters_sha256
@@ -114,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "metrics.json (one gather per optimizer step).")
     run.add_argument("--push_to_hub", action="store_true", help="Push the final model and its card to the Hub.")
     run.add_argument("--hub_model_id", default=None, help="The Hub repo to push to, e.g. org/name.")
+    add_fast_step_arguments(parser)
     args = parse_args_with_recipe(parser, argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id org/name.")
@@ -157,6 +162,7 @@ def training_function(args: argparse.Namespace) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logger.info(accelerator.state, main_process_only=False)
+    resolve_fast_step(args, accelerator.device)  # --compile, --channels_last, --fused_optimizer: on for CUDA
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +195,9 @@ def training_function(args: argparse.Namespace) -> None:
         time_scale=args.time_scale,
     )
     model = PRGForFlowMatching(config)
+    speed_up(model.prg, args)
     initial_sha256 = parameters_sha256(model) if args.record_batches else None
-    ema = EMAModel(model.parameters(), decay=args.ema_decay) if args.use_ema else None
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True) if args.use_ema else None
     set_seed(args.seed, device_specific=True)
 
     optimizer = torch.optim.AdamW(
@@ -198,6 +205,7 @@ def training_function(args: argparse.Namespace) -> None:
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
+        fused=args.fused_optimizer,
     )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if len(train_dataloader) == 0:
@@ -233,12 +241,16 @@ def training_function(args: argparse.Namespace) -> None:
     window_loss, local_loss_sum, local_batches = float("nan"), torch.zeros((), device=accelerator.device), 0
     batch_record = BatchRecord() if args.record_batches else None
     loss_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
+    noise_pairing = NoisePairing(unwrapped.prg.probability_path, args.seed, accelerator.process_index)
     start_time = time.perf_counter()
     model.train()
     for epoch in progress.remaining_epochs():
-        for batch in progress.epoch_batches(accelerator, train_dataloader, epoch):
+        first_batch = progress.batches_trained_in_epoch  # > 0 in the epoch a run resumed in
+        batches = progress.epoch_batches(accelerator, train_dataloader, epoch)
+        # Each batch comes with its noise ε, drawn and paired (OT-CFM) in a worker while the previous batch trains.
+        for batch in noise_pairing.batches(batches, epoch, first_batch):
             with accelerator.accumulate(model):
-                loss = model(batch["pixel_values"]).loss
+                loss = model(batch["pixel_values"], noise=batch["noise"]).loss
                 accelerator.backward(loss)
                 loss_guard.observe(loss)
                 # On the last micro-batch of a step: update only if every loss of the step was finite.

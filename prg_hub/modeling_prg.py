@@ -283,11 +283,16 @@ class PRGModel(PRGPreTrainedModel):
         )
 
     def flow_matching_loss(
-        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """L_FM on a batch of images in [-1, 1], shape (B, C, H, W): mean over all elements of (v_θ(x_t, t) − u_t)²."""
+        """L_FM on a batch of images in [-1, 1], shape (B, C, H, W): mean over all elements of (v_θ(x_t, t) − u_t)².
+
+        `noise`: ε of the same shape, already coupled with the images (`prg_hub.noise_pairing`); else drawn here.
+        """
         self.check_pixel_values(pixel_values)
-        return self.probability_path.flow_matching_loss(self.velocity, pixel_values.to(self.dtype), generator)
+        if noise is not None:
+            noise = noise.to(self.dtype)
+        return self.probability_path.flow_matching_loss(self.velocity, pixel_values.to(self.dtype), generator, noise)
 
     @torch.no_grad()
     def generate(
@@ -428,6 +433,7 @@ class PRGForFlowMatching(PRGPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> FlowMatchingOutput | tuple:
         """The flow-matching loss of a batch of images in [-1, 1], shape (B, C, H, W) (`PRGModel.flow_matching_loss`):
@@ -437,6 +443,8 @@ class PRGForFlowMatching(PRGPreTrainedModel):
         Args:
             pixel_values: the data x, shape (B, C, H, W); cast to the model's dtype.
             generator: the source of t and ε (default: torch's global generator).
+            noise: ε (B, C, H, W) already coupled with the images (`prg_hub.noise_pairing.NoisePairing`, which
+                pairs OT-CFM batches off the training step); drawn and coupled here when None.
             return_dict: return a `FlowMatchingOutput` (default: `config.return_dict`) or the tuple (loss,).
         """
-        return FlowMatchingOutput(loss=self.prg.flow_matching_loss(pixel_values, generator))
+        return FlowMatchingOutput(loss=self.prg.flow_matching_loss(pixel_values, generator, noise))

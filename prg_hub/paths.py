@@ -78,11 +78,19 @@ class ProbabilityPath:
         return torch.rand(batch_size, device=draw_device, generator=generator).to(device)
 
     def flow_matching_loss(
-        self, velocity: VelocityFn, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        velocity: VelocityFn,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """L_FM for a batch of data x (B, C, H, W): draw ε and t, couple, and regress v(x_t, t) onto u_t."""
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x, noise = self.couple(x, noise)
+        """L_FM for a batch of data x (B, C, H, W): draw ε and t, couple, and regress v(x_t, t) onto u_t.
+
+        `noise`: ε (B, C, H, W) already coupled with x (`prg_hub.noise_pairing`); drawn and coupled here when None.
+        """
+        if noise is None:
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x, noise = self.couple(x, noise)
         t = self.sample_time(x.shape[0], x.device, generator)
         x_t = self.interpolate(x, noise, t)
         target = self.target_velocity(x, noise, t)

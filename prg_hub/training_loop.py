@@ -90,6 +90,11 @@ class TrainingProgress:
         logger.info(f"Resumed from {checkpoint} at step {self.global_step} (epoch {epoch})")
         return checkpoint
 
+    @property
+    def batches_trained_in_epoch(self) -> int:
+        """Batches of the current epoch already trained on: (global_step mod steps_per_epoch) · A."""
+        return resume_position(self.global_step, self.batches_per_epoch, self.gradient_accumulation_steps)[1]
+
     def remaining_epochs(self) -> Iterator[int]:
         """The epochs still to train, from the one the run stands in, until it is finished (none if it is)."""
         epoch, _ = resume_position(self.global_step, self.batches_per_epoch, self.gradient_accumulation_steps)
@@ -105,7 +110,7 @@ class TrainingProgress:
         """
         dataloader.dataset.set_epoch(epoch)
         dataloader.set_epoch(epoch)
-        _, trained = resume_position(self.global_step, self.batches_per_epoch, self.gradient_accumulation_steps)
+        trained = self.batches_trained_in_epoch
         if not trained:
             return dataloader
         batches = accelerator.skip_first_batches(dataloader, trained)

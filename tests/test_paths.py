@@ -77,3 +77,13 @@ def test_flow_matching_loss_is_the_mean_squared_error_against_the_target_velocit
 
     loss = path.flow_matching_loss(velocity_off_by_one, x, generator=torch.Generator().manual_seed(3))
     assert loss.item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_flow_matching_loss_takes_noise_already_paired_with_the_batch():
+    """Given ε, the loss uses it as it is (no second coupling) and draws only t."""
+    path = get_path("otcfm")
+    x, noise = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = path.sample_time(5, x.device, torch.Generator().manual_seed(3))
+    velocity = lambda x_t, time: torch.zeros_like(x_t)  # noqa: E731
+    loss = path.flow_matching_loss(velocity, x, torch.Generator().manual_seed(3), noise=noise)
+    assert loss.item() == pytest.approx(torch.mean(path.target_velocity(x, noise, t) ** 2).item(), rel=1e-6)
