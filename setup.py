@@ -32,7 +32,9 @@ setup(
     ],
     entry_points={"console_scripts": ["prg-hub=prg_hub.cli:main"]},
     extras_require={
-        "train": ["accelerate>=1.1", "datasets>=3.0", "pyyaml"],
+        # the training scripts; torchvision runs their batched augmentation (prg_hub/augment.py) on the device.
+        # 0.26 pairs with torch 2.11, the oldest torch above; CI tests torchvision 0.29.1.
+        "train": ["accelerate>=1.1", "datasets>=3.0", "pyyaml", "torchvision>=0.26"],
         # the torchvision backend of the image processor (PRGImageProcessor); without it, PRGImageProcessorPil
         "vision": ["torchvision"],
         # setuptools: the tests build a wheel (without build isolation) to check what it installs

@@ -5,11 +5,13 @@
 Both paths train the same network (the same initial weights) on the same images, with the steps of
 examples/pretrain.py and examples/finetune.py (forward, backward, the non-finite loss guard, clipping, AdamW, EMA):
 
-* baseline: PIL per sample (`--dataloader stream`), the OT pairing inside the step; eager, AdamW, an EMA
-  updated parameter by parameter;
-* fast: the split decoded once onto the device (`--dataloader device`), the OT pairing one batch ahead
-  (`NoisePairing`); the scripts' defaults for the device (`prg_hub.fast_step`: compiled, channels-last and fused
-  AdamW on CUDA, all off on the CPU), an EMA updated with foreach ops.
+* baseline, the scripts as they were: every image decoded with PIL every epoch and its batch augmented on the
+  CPU inside the data loader (`--dataloader_num_workers` workers), then copied to the device; the OT pairing inside
+  the step; eager, AdamW, an EMA updated parameter by parameter, the non-finite loss check read back every step;
+* fast, the scripts' defaults: the split decoded once onto the device (`--dataloader device`) and augmented there
+  (`TrainAugmentation`), the OT pairing one batch ahead (`NoisePairing`); `prg_hub.fast_step` (compiled,
+  channels-last and fused AdamW on CUDA, all off on the CPU), the non-finite check on the device (fused AdamW's
+  `found_inf`), an EMA updated with foreach ops.
 
 On CUDA both run under bf16 autocast. Finetuning goes through `--num_steps` (default 4) Euler steps with exact
 gradients (plain backpropagation). Each measurement runs `--warmup_steps` untimed steps (compilation) and then
@@ -18,6 +20,10 @@ times `--steps` steps, synchronising the device at both ends; img/s = steps · b
 `pretrain_fraction_of_peak` is the fast pretraining step's FLOP/s (FLOPs per step counted by
 torch.utils.flop_counter on the eager network, forward and backward) over the FLOP/s of a large matrix product
 timed in the same run: bf16 on CUDA; on the CPU the faster of float32 and bf16.
+
+With `--profile_steps N`, N more steps of each fast path run under torch.profiler, and the operations with the
+most self time (GPU time on CUDA) go into the JSON as `pretrain_profile_top_ops` / `finetune_profile_top_ops`: the
+next bottleneck.
 
 Prints one JSON object and writes it to benchmarks/results/train_speed_<device>.json (or --output).
 """
@@ -40,12 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, default_image_processor
 from prg_hub.augment import TrainAugmentation
-from prg_hub.data import get_dataloaders, load_image_dataset
-from prg_hub.device_data import device_train_dataloader
-from prg_hub.fast_step import resolve_fast_step, speed_up
+from prg_hub.data import collate_readable, load_image_dataset
+from prg_hub.fast_step import COMPILE_MODES, resolve_fast_step, speed_up
 from prg_hub.finiteness import NonFiniteLossGuard
 from prg_hub.noise_pairing import NoisePairing
 from prg_hub.presets import PRESETS, backbone_preset
+from prg_hub.training_data import get_train_dataloader
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=5, help="Untimed steps first (compilation).")
     parser.add_argument("--num_steps", type=int, default=4, help="Euler steps of the finetuning solver.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the baseline's loader.")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="Profile N more steps of each fast path (torch.profiler): top operations in the JSON.")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode of the fast path (reduce-overhead: CUDA graphs).")
     parser.add_argument("--output", default=None, help="Default: benchmarks/results/train_speed_<device>.json.")
     args = parser.parse_args(argv)
     args.compile = args.channels_last = args.fused_optimizer = None  # the scripts' defaults for the device
@@ -106,18 +116,36 @@ def pretrain_flops_per_step(model: PRGForFlowMatching, batch: torch.Tensor) -> i
     return counter.get_total_flops()
 
 
-def timed_steps(accelerator, model, optimizer, ema, batches, loss_of, steps: int, warmup_steps: int) -> float:
-    """Seconds for `steps` training steps after `warmup_steps` untimed ones; restarts `batches` when it runs out.
+def profile_table(profiler: torch.profiler.profile, device: torch.device, rows: int = 15) -> list[dict]:
+    """The `rows` operations with the most self time (on the GPU when there is one): name, milliseconds, calls."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, key), reverse=True)[:rows]
+    return [{"name": event.key, "self_ms": round(getattr(event, key) / 1000, 3), "calls": event.count}
+            for event in events]
+
+
+def timed_steps(accelerator, model, optimizer, ema, batches, loss_of, steps: int, warmup_steps: int,
+                profile_steps: int = 0) -> tuple[float, list[dict]]:
+    """Seconds for `steps` training steps after `warmup_steps` untimed ones, and the `profile_table` of
+    `profile_steps` more steps run under torch.profiler (empty for 0); restarts `batches` when it runs out.
 
     One step as in the scripts: loss, backward, the non-finite loss guard, clipping to 1, AdamW, EMA.
     """
-    guard = NonFiniteLossGuard(accelerator)
+    guard = NonFiniteLossGuard(accelerator, optimizer)
     iterator = iter(batches())
-    start = None
-    for step in range(warmup_steps + steps):
+    start = seconds = None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if accelerator.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    for step in range(warmup_steps + steps + profile_steps):
         if step == warmup_steps:
             synchronize(accelerator.device)
             start = time.perf_counter()
+        if step == warmup_steps + steps:
+            synchronize(accelerator.device)
+            seconds = time.perf_counter() - start
+            profiler.start()
         batch = next(iterator, None)
         if batch is None:
             iterator = iter(batches())
@@ -126,27 +154,43 @@ def timed_steps(accelerator, model, optimizer, ema, batches, loss_of, steps: int
             loss = loss_of(model, batch)
         accelerator.backward(loss)
         guard.observe(loss)
-        if guard.step_is_finite(step + 1):
+        if guard.should_step(step + 1):
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
+    guard.raise_if_too_many_skipped(warmup_steps + steps + profile_steps)
     synchronize(accelerator.device)
-    return time.perf_counter() - start
+    if not profile_steps:
+        return time.perf_counter() - start, []
+    profiler.stop()
+    return seconds, profile_table(profiler, accelerator.device)
 
 
-def measure(args, accelerator, image_data, network, fast: bool, loss_of, augmentation: str, labels: bool) -> float:
-    """img/s of `network` (a fresh copy) trained on the fast path or the baseline path."""
+def augmenting_collate(augmentation: TrainAugmentation):
+    """The baseline's collate function: the batch of readable examples, augmented in the data loader (epoch 0)."""
+    def collate(items: list[dict | None]) -> dict:
+        batch = collate_readable(items)
+        return {**batch, "pixel_values": augmentation(batch["images"], batch["index"], 0)}
+    return collate
+
+
+def measure(args, accelerator, image_data, network, fast: bool, loss_of, augmentation: str,
+            labels: bool) -> tuple[float, list[dict]]:
+    """img/s of `network` (a fresh copy) trained on the fast path or the baseline path, and the profile of
+    `--profile_steps` more steps of the fast path."""
     model = copy.deepcopy(network)
     processor = default_image_processor(args.image_size)
-    options = dict(train_split="train", train_batch_size=args.batch_size, max_train_samples=args.max_train_samples,
-                   augmentation=TrainAugmentation(augmentation, args.image_size), drop_last=True, labels=labels,
-                   seed=0)
+    augment = TrainAugmentation(augmentation, processor)
+    loader, _ = get_train_dataloader(
+        image_data, processor, accelerator.device, dataloader="device" if fast else "stream",
+        train_batch_size=args.batch_size, max_train_samples=args.max_train_samples, drop_last=True, labels=labels,
+        num_workers=0 if fast else args.dataloader_num_workers,
+    )
     if fast:
         speed_up(model.prg, args)
-        loader = device_train_dataloader(image_data, processor, accelerator.device, **options)
-    else:
-        loader, _ = get_dataloaders(image_data, processor, num_workers=args.dataloader_num_workers, **options)
+    else:  # augmented in the data loader, on the CPU
+        loader.collate_fn = augmenting_collate(augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fast and args.fused_optimizer)
     ema = EMAModel(model.parameters(), decay=0.999, foreach=fast)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -154,12 +198,15 @@ def measure(args, accelerator, image_data, network, fast: bool, loss_of, augment
     model.train()
     if fast and not labels:
         pairing = NoisePairing(accelerator.unwrap_model(model).prg.probability_path, seed=0)
-        batches = lambda: pairing.batches(loader, epoch=0)  # noqa: E731
+        batches = lambda: pairing.batches(augment.batches(loader, epoch=0), epoch=0)  # noqa: E731
+    elif fast:
+        batches = lambda: augment.batches(loader, epoch=0)  # noqa: E731
     else:
         batches = lambda: loader  # noqa: E731
-    seconds = timed_steps(accelerator, model, optimizer, ema, batches, loss_of, args.steps, args.warmup_steps)
+    seconds, profile = timed_steps(accelerator, model, optimizer, ema, batches, loss_of, args.steps,
+                                   args.warmup_steps, args.profile_steps if fast else 0)
     accelerator.free_memory()
-    return args.steps * args.batch_size / seconds
+    return args.steps * args.batch_size / seconds, profile
 
 
 def main(argv=None) -> dict:
@@ -190,10 +237,12 @@ def main(argv=None) -> dict:
         ("pretrain", flow, fm_loss, "flip", False),
         ("finetune", classifier, classification_loss, "crop_flip", True),
     ):
-        baseline = measure(args, accelerator, image_data, network, False, loss_of, augmentation, labels)
-        fast = measure(args, accelerator, image_data, network, True, loss_of, augmentation, labels)
+        baseline, _ = measure(args, accelerator, image_data, network, False, loss_of, augmentation, labels)
+        fast, profile = measure(args, accelerator, image_data, network, True, loss_of, augmentation, labels)
         result.update({f"{name}_img_per_s": fast, f"{name}_baseline_img_per_s": baseline,
                        f"{name}_speedup": fast / baseline})
+        if profile:
+            result[f"{name}_profile_top_ops"] = profile
 
     flops = pretrain_flops_per_step(copy.deepcopy(flow).to(device), torch.rand(
         args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1)
@@ -205,7 +254,7 @@ def main(argv=None) -> dict:
         "pretrain_achieved_flop_per_s": achieved,
         "matmul_peak_flop_per_s": peak,
         "matmul_peak_dtype": peak_dtype,
-        "fast_path": {"compile": args.compile, "channels_last": args.channels_last,
+        "fast_path": {"compile": args.compile, "compile_mode": args.compile_mode, "channels_last": args.channels_last,
                       "fused_optimizer": args.fused_optimizer, "dataloader": "device", "ema_foreach": True},
         "batch_size": args.batch_size,
         "preset": args.preset,

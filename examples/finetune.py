@@ -40,7 +40,6 @@ from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
 from prg_hub.data import get_dataloaders, load_image_dataset
-from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
 from prg_hub.fast_step import add_fast_step_arguments, resolve_fast_step, speed_up
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard, check_finite_weights
 from prg_hub.lr_schedules import warmup_cosine_schedule
@@ -48,6 +47,7 @@ from prg_hub.presets import PRESETS, backbone_preset
 from prg_hub.recipes import parse_args_with_recipe
 from prg_hub.reproducibility import BatchRecord
 from prg_hub.run_records import push_training_output, save_model, write_json
+from prg_hub.training_data import DATALOADERS, get_train_dataloader
 from prg_hub.training_loop import TrainingProgress
 
 logger = get_logger(__name__)
@@ -91,9 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--augmentation", choices=AUGMENTATIONS, default="crop_flip")
     data.add_argument("--random_erasing", type=float, default=0.0, help="Probability (official recipe: 0.25).")
     data.add_argument("--dataloader", choices=DATALOADERS, default="auto",
-                      help="Training data. device: decoded once onto the accelerator, augmented there; stream: PIL "
-                           "per sample every epoch; auto: device when the augmentation runs there and the split fits "
-                           "(prg_hub/device_data.py). Evaluation always streams.")
+                      help="Training data. device: decoded once onto the accelerator; stream: every image decoded "
+                           "every epoch, in workers; auto: device when the split fits (prg_hub/training_data.py). "
+                           "Either way the batches are augmented on the accelerator. Evaluation always streams.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the stream path.")
     data.add_argument("--cache_dir", default=None)
 
@@ -231,19 +231,17 @@ def training_function(args: argparse.Namespace) -> None:
     speed_up(model.prg, args)
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
-    augmentation = TrainAugmentation(args.augmentation, image_size, random_erasing=args.random_erasing)
-    data_path = resolve_dataloader(args.dataloader, augmentation, len(image_data.split(args.train_split,
-                                   args.max_train_samples)), image_size, accelerator.device)
-    train_options = dict(train_split=args.train_split, train_batch_size=args.train_batch_size,
-                         max_train_samples=args.max_train_samples, augmentation=augmentation, seed=args.seed)
-    eval_options = dict(eval_split=args.eval_split, eval_batch_size=args.eval_batch_size,
-                        max_eval_samples=args.max_eval_samples, num_workers=args.dataloader_num_workers)
     processor = default_image_processor(image_size)
-    if data_path == "device":
-        train_dataloader = device_train_dataloader(image_data, processor, accelerator.device, **train_options)
-        _, eval_dataloader = get_dataloaders(image_data, processor, **eval_options)
-    else:
-        train_dataloader, eval_dataloader = get_dataloaders(image_data, processor, **train_options, **eval_options)
+    train_dataloader, data_path = get_train_dataloader(
+        image_data, processor, accelerator.device, dataloader=args.dataloader, train_split=args.train_split,
+        train_batch_size=args.train_batch_size, max_train_samples=args.max_train_samples, seed=args.seed,
+        num_workers=args.dataloader_num_workers,
+    )
+    _, eval_dataloader = get_dataloaders(image_data, processor, eval_split=args.eval_split,
+                                         eval_batch_size=args.eval_batch_size, max_eval_samples=args.max_eval_samples,
+                                         num_workers=args.dataloader_num_workers)
+    # uint8 training batches become pixel values on the device, each sample augmented by (seed, epoch, index).
+    augmentation = TrainAugmentation(args.augmentation, processor, random_erasing=args.random_erasing, seed=args.seed)
     num_train, num_eval = len(train_dataloader.dataset), len(eval_dataloader.dataset)
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -286,20 +284,21 @@ def training_function(args: argparse.Namespace) -> None:
             )
 
     batch_record = BatchRecord() if args.record_batches else None
-    loss_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
+    loss_guard = NonFiniteLossGuard(accelerator, optimizer, args.skip_nonfinite_steps)
     progress_bar = tqdm(total=progress.max_train_steps, initial=progress.global_step, desc="finetune",
                         disable=not accelerator.is_local_main_process)
     start_time = time.perf_counter()
     model.train()
     for epoch in progress.remaining_epochs():
         epoch_loss, epoch_batches = torch.zeros((), device=accelerator.device), 0
-        for batch in progress.epoch_batches(accelerator, train_dataloader, epoch):
+        for batch in augmentation.batches(progress.epoch_batches(accelerator, train_dataloader, epoch), epoch):
             with accelerator.accumulate(model):
                 loss = model(batch["pixel_values"], labels=batch["labels"]).loss
                 accelerator.backward(loss)
                 loss_guard.observe(loss)
-                # On the last micro-batch of a step: update only if every loss of the step was finite.
-                if not accelerator.sync_gradients or loss_guard.step_is_finite(progress.global_step + 1):
+                # On the last micro-batch of a step: update only if every loss of the step was finite (a fused
+                # optimizer is told on the device and skips a non-finite step itself: no wait for the check).
+                if not accelerator.sync_gradients or loss_guard.should_step(progress.global_step + 1):
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
@@ -318,6 +317,7 @@ def training_function(args: argparse.Namespace) -> None:
             progress.global_step += 1
             progress_bar.update(1)
             if progress.epoch_finished:  # the step ended an epoch or the run: score the model, keep the best
+                loss_guard.raise_if_too_many_skipped(progress.global_step)
                 top1 = evaluate(model, eval_dataloader, accelerator, progress.global_step)
                 train_loss = accelerator.reduce(epoch_loss / epoch_batches, reduction="mean").item()
                 record = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss, "eval_top1": top1}
@@ -331,11 +331,13 @@ def training_function(args: argparse.Namespace) -> None:
                     if accelerator.is_main_process:
                         save_model(accelerator.unwrap_model(model), output_dir / "best")
             if progress.global_step % args.checkpointing_steps == 0:
+                loss_guard.raise_if_too_many_skipped(progress.global_step)
                 save_checkpoint(accelerator, model, output_dir, progress.global_step, args.checkpoints_total_limit,
                                 extra_json={TRAINER_STATE: trainer_state})
             if progress.finished:
                 break
     progress_bar.close()
+    loss_guard.raise_if_too_many_skipped(progress.global_step)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

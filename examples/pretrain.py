@@ -40,8 +40,7 @@ from prg_hub import PATHS, PRGConfig, PRGForFlowMatching, default_image_processo
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
-from prg_hub.data import get_dataloaders, load_image_dataset
-from prg_hub.device_data import DATALOADERS, device_train_dataloader, resolve_dataloader
+from prg_hub.data import load_image_dataset
 from prg_hub.fast_step import add_fast_step_arguments, resolve_fast_step, speed_up
 from prg_hub.finiteness import NonFiniteError, NonFiniteLossGuard
 from prg_hub.image_grid import save_image_grid
@@ -50,6 +49,7 @@ from prg_hub.presets import PRESETS, backbone_preset
 from prg_hub.recipes import parse_args_with_recipe
 from prg_hub.reproducibility import BatchRecord, parameters_sha256
 from prg_hub.run_records import push_training_output, save_model, write_json
+from prg_hub.training_data import DATALOADERS, get_train_dataloader
 from prg_hub.training_loop import TrainingProgress
 
 logger = get_logger(__name__)
@@ -67,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--random_erasing", type=float, default=0.0,
                       help="Probability of random erasing after normalisation (released code: 0.25).")
     data.add_argument("--dataloader", choices=DATALOADERS, default="auto",
-                      help="device: decode the split once onto the accelerator and augment batches there; stream: "
-                           "PIL per sample every epoch; auto: device when the augmentation runs there and the split "
-                           "fits (prg_hub/device_data.py).")
+                      help="device: decode the split once onto the accelerator; stream: decode every image every "
+                           "epoch, in workers; auto: device when the split fits (prg_hub/training_data.py). Either "
+                           "way the batches are augmented on the accelerator.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the stream path.")
     data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
 
@@ -168,23 +168,19 @@ def training_function(args: argparse.Namespace) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "args.json", vars(args))
 
-    # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch,
-    # the same batches whether they are made on the device or streamed through PIL.
+    # Data: every process reads the dataset; the prepared data loader gives each its own shard of every batch of
+    # uint8 images, the same batches whether they are kept on the device or streamed, and the augmentation turns
+    # them into pixel values on the device, each sample keyed by (seed, epoch, index).
     image_data = load_image_dataset(
         args.dataset, image_column=args.image_column, require_labels=False, cache_dir=args.cache_dir
     )
-    augmentation = TrainAugmentation(args.augmentation, args.image_size, random_erasing=args.random_erasing)
-    data_path = resolve_dataloader(args.dataloader, augmentation, len(image_data.split(args.train_split,
-                                   args.max_train_samples)), args.image_size, accelerator.device)
-    train_options = dict(train_split=args.train_split, train_batch_size=args.train_batch_size,
-                         max_train_samples=args.max_train_samples, augmentation=augmentation, drop_last=True,
-                         labels=False, seed=args.seed)
     processor = default_image_processor(args.image_size)
-    if data_path == "device":
-        train_dataloader = device_train_dataloader(image_data, processor, accelerator.device, **train_options)
-    else:
-        train_dataloader, _ = get_dataloaders(image_data, processor, num_workers=args.dataloader_num_workers,
-                                              **train_options)
+    train_dataloader, data_path = get_train_dataloader(
+        image_data, processor, accelerator.device, dataloader=args.dataloader, train_split=args.train_split,
+        train_batch_size=args.train_batch_size, max_train_samples=args.max_train_samples, drop_last=True,
+        labels=False, seed=args.seed, num_workers=args.dataloader_num_workers,
+    )
+    augmentation = TrainAugmentation(args.augmentation, processor, random_erasing=args.random_erasing, seed=args.seed)
 
     # Model: identical initialisation on every process; then a different noise stream per process.
     set_seed(args.seed)
@@ -240,21 +236,22 @@ def training_function(args: argparse.Namespace) -> None:
     window_losses: list[torch.Tensor] = []  # losses of the micro-batches since the last report
     window_loss, local_loss_sum, local_batches = float("nan"), torch.zeros((), device=accelerator.device), 0
     batch_record = BatchRecord() if args.record_batches else None
-    loss_guard = NonFiniteLossGuard(accelerator, args.skip_nonfinite_steps)
+    loss_guard = NonFiniteLossGuard(accelerator, optimizer, args.skip_nonfinite_steps)
     noise_pairing = NoisePairing(unwrapped.prg.probability_path, args.seed, accelerator.process_index)
     start_time = time.perf_counter()
     model.train()
     for epoch in progress.remaining_epochs():
         first_batch = progress.batches_trained_in_epoch  # > 0 in the epoch a run resumed in
-        batches = progress.epoch_batches(accelerator, train_dataloader, epoch)
+        batches = augmentation.batches(progress.epoch_batches(accelerator, train_dataloader, epoch), epoch)
         # Each batch comes with its noise ε, drawn and paired (OT-CFM) in a worker while the previous batch trains.
         for batch in noise_pairing.batches(batches, epoch, first_batch):
             with accelerator.accumulate(model):
                 loss = model(batch["pixel_values"], noise=batch["noise"]).loss
                 accelerator.backward(loss)
                 loss_guard.observe(loss)
-                # On the last micro-batch of a step: update only if every loss of the step was finite.
-                update = not accelerator.sync_gradients or loss_guard.step_is_finite(progress.global_step + 1)
+                # On the last micro-batch of a step: update only if every loss of the step was finite (a fused
+                # optimizer is told on the device and skips a non-finite step itself: no wait for the check).
+                update = not accelerator.sync_gradients or loss_guard.should_step(progress.global_step + 1)
                 if update:
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -277,12 +274,14 @@ def training_function(args: argparse.Namespace) -> None:
             progress.global_step += 1
             progress_bar.update(1)
             if progress.global_step % args.logging_steps == 0 or progress.finished:
+                loss_guard.raise_if_too_many_skipped(progress.global_step)
                 window_loss = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
                 window_losses = []
                 progress_bar.set_postfix(fm_loss=f"{window_loss:.4f}")
                 accelerator.log({"fm_loss": window_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch},
                                 step=progress.global_step)
             if progress.global_step % args.checkpointing_steps == 0:
+                loss_guard.raise_if_too_many_skipped(progress.global_step)
                 save_checkpoint(accelerator, model, output_dir, progress.global_step, args.checkpoints_total_limit,
                                 ema=ema)
             if progress.global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
@@ -290,6 +289,7 @@ def training_function(args: argparse.Namespace) -> None:
             if progress.finished:
                 break
     progress_bar.close()
+    loss_guard.raise_if_too_many_skipped(progress.global_step)
     train_seconds = time.perf_counter() - start_time
 
     # Every process reports its own view: identical weights although each trained on different samples and noise.

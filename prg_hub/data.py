@@ -6,7 +6,8 @@ label columns are found by name (`img`/`image`, `label`/`labels`) or by feature 
 or named explicitly.
 
 `get_dataloaders` turns the splits a script uses into torch data loaders of {"pixel_values", "labels", "index"}
-batches.
+batches, without augmentation; training batches, which are augmented on the device, come from
+`prg_hub.training_data`.
 
 Unreadable images (corrupt or truncated bytes) do not stop a run: the example is skipped with a warning that
 names its index and the decoder's reason, and `collate_readable` builds each batch from the readable examples.
@@ -23,12 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 from PIL import Image
 
-from .augment import TrainAugmentation
-from .image_conversion import to_rgb
 from .image_processing_prg import PRGImageProcessing
 
 logger = logging.getLogger(__name__)
@@ -159,10 +157,8 @@ def load_image_dataset(
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """A `datasets` split as a torch dataset of {"pixel_values": (3, H, W) in [-1, 1], "labels": int, "index": int}.
 
-    Images go through `processor` (RGB conversion, resize, normalisation). With an `augmentation`, each image is
-    first converted to RGB and resized to the processor's size, then augmented with a generator seeded by
-    (seed, epoch, index): a sample is augmented the same way whatever the number of processes or the resume
-    point. Call `set_epoch` at the start of every epoch. "labels" is absent when `label_column` is None.
+    Images go through `processor` (RGB conversion, resize, normalisation). "labels" is absent when `label_column`
+    is None.
     """
 
     def __init__(
@@ -171,51 +167,41 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         image_column: str,
         label_column: str | None,
         processor: PRGImageProcessing,
-        augmentation: TrainAugmentation | None = None,
-        seed: int = 0,
     ):
         self.split = split
         self.image_column = image_column
         self.label_column = label_column
         self.processor = processor
-        self.augmentation = None if augmentation is None or augmentation.is_identity else augmentation
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> dict | None:
         """The example at `index`, or None (with a warning naming it) when its image cannot be decoded."""
-        try:
-            example = self.split[index]
-        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for corrupt or truncated files
-            logger.warning(f"Skipping example {index}: its image cannot be decoded ({type(error).__name__}: {error}).")
+        example = read_example(self.split, index, self.image_column)
+        if example is None:
             return None
-        image = example[self.image_column]
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"Column {self.image_column!r} holds {type(image).__name__}, not images; choose the image column "
-                "with --image_column."
-            )
-        rng = None
-        if self.augmentation is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            size = (self.processor.size["width"], self.processor.size["height"])
-            image = to_rgb(image)
-            if image.size != size:
-                image = image.resize(size, self.processor.resample)
-            image = self.augmentation.augment_image(image, rng)
-        pixel_values = self.processor(image, return_tensors="pt")["pixel_values"][0]
-        if rng is not None:
-            pixel_values = self.augmentation.augment_tensor(pixel_values, rng)
-        item = {"pixel_values": pixel_values, "index": index}
+        item = {"pixel_values": self.processor(example[self.image_column], return_tensors="pt")["pixel_values"][0],
+                "index": index}
         if self.label_column is not None:
             item["labels"] = int(example[self.label_column])
         return item
+
+
+def read_example(split: datasets.Dataset, index: int, image_column: str) -> dict | None:
+    """Row `index` of `split` with its image decoded, or None (with a warning naming it) when the image cannot be
+    decoded. Raises TypeError when `image_column` does not hold images."""
+    try:
+        example = split[index]
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for corrupt or truncated files
+        logger.warning(f"Skipping example {index}: its image cannot be decoded ({type(error).__name__}: {error}).")
+        return None
+    if not isinstance(example[image_column], Image.Image):
+        raise TypeError(
+            f"Column {image_column!r} holds {type(example[image_column]).__name__}, not images; choose the image "
+            "column with --image_column."
+        )
+    return example
 
 
 def collate_readable(items: list[dict | None]) -> dict:
@@ -237,7 +223,6 @@ def get_dataloaders(
     eval_batch_size: int = 1,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
-    augmentation: TrainAugmentation | None = None,
     shuffle: bool = True,
     drop_last: bool = False,
     labels: bool = True,
@@ -252,7 +237,6 @@ def get_dataloaders(
         train_split, eval_split: split names (see `ImageDataset.split_name`; "eval" finds the evaluation split),
             each cut to its first `max_train_samples` / `max_eval_samples` rows when that is given.
         train_batch_size, eval_batch_size: per-process batch sizes once `accelerator.prepare` shards the loaders.
-        augmentation: applied to the training split only, seeded by (seed, epoch, sample index).
         shuffle: shuffle the training split, in an order drawn from a generator of its own seeded with `seed`:
             starting an epoch then never draws from the global RNG (the model's noise source), so a resumed run
             draws exactly the noise an uninterrupted one does. Without it the training split is read in order.
@@ -260,21 +244,19 @@ def get_dataloaders(
         labels: give "labels" (when the dataset has a label column).
         num_workers: data-loader worker processes.
 
-    The evaluation split is read in order, without augmentation. Batches hold "pixel_values" (B, 3, H, W) in
+    The evaluation split is read in order. Batches hold "pixel_values" (B, 3, H, W) in
     [-1, 1], "index" (B,) and, with `labels`, "labels" (B,); unreadable images are left out (`collate_readable`).
     """
     label_column = image_data.label_column if labels else None
 
-    def dataset(split: str, max_samples: int | None, split_augmentation: TrainAugmentation | None = None):
-        return ImageClassificationDataset(
-            image_data.split(split, max_samples), image_data.image_column, label_column, processor,
-            split_augmentation, seed=seed,
-        )
+    def dataset(split: str, max_samples: int | None):
+        return ImageClassificationDataset(image_data.split(split, max_samples), image_data.image_column, label_column,
+                                          processor)
 
     train_dataloader = eval_dataloader = None
     if train_split is not None:
         train_dataloader = torch.utils.data.DataLoader(
-            dataset(train_split, max_train_samples, augmentation),
+            dataset(train_split, max_train_samples),
             batch_size=train_batch_size,
             shuffle=shuffle,
             generator=torch.Generator().manual_seed(seed) if shuffle else None,

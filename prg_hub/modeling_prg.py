@@ -191,9 +191,17 @@ class PRGModel(PRGPreTrainedModel):
         self.gradient_checkpointing = False  # recompute each solver step in the backward pass (training switch)
         self.post_init()
 
+    _passed_a_training_batch = False  # True once a training batch's values passed check_pixel_values
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem if `pixel_values` is not a (B, C, H, W) batch it can take: finite,
-        with |x| <= `MAX_ABS_PIXEL_VALUE` (one host synchronisation)."""
+        """Raise a ValueError naming the problem if `pixel_values` is not a (B, C, H, W) batch it can take.
+
+        The dtype and shape are checked on every call, at no cost. The values, finite with |x| <=
+        `MAX_ABS_PIXEL_VALUE`, are read back from the device: that costs one host synchronisation in eval mode, on
+        every call (inference reads its output anyway); in training mode only on the first batch, until one has
+        passed, so that a systematic mistake ([0, 255] images, no normalisation) fails at once while the later
+        training steps of this model never wait for the device.
+        """
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
             got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
             raise ValueError(
@@ -207,7 +215,7 @@ class PRGModel(PRGPreTrainedModel):
                 f"{tuple(pixel_values.shape)}. Use PRGImageProcessor, which converts images to RGB."
             )
         self.velocity.check_spatial_size(*pixel_values.shape[-2:])
-        if not pixel_values.numel():
+        if not pixel_values.numel() or (self.training and self._passed_a_training_batch):
             return
         largest = pixel_values.detach().abs().amax().item()  # NaN if any value is NaN
         if not math.isfinite(largest):
@@ -220,6 +228,8 @@ class PRGModel(PRGPreTrainedModel):
                 f"pixel_values reach |x| = {largest:g}, far outside the [-1, 1] this model was trained on; were the "
                 "images passed as [0, 255] values or without normalisation? Use PRGImageProcessor to convert them."
             )
+        if self.training:
+            self._passed_a_training_batch = True
 
     def encode(
         self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
@@ -386,25 +396,36 @@ class PRGForImageClassification(PRGPreTrainedModel):
             self._check_labels(labels, pixel_values.shape[0])
             loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
             if self.config.fm_loss_weight > 0:
-                # pixel_values passed self.prg's check above: L_FM straight from the path, without a second host sync
+                # pixel_values went through self.prg's check above: L_FM straight from the path, not checked again
                 fm_loss = self.prg.probability_path.flow_matching_loss(self.prg.velocity, pixel_values.to(self.dtype))
                 loss = loss + self.config.fm_loss_weight * fm_loss
 
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
 
+    _labels_passed_in_training = False  # True once a training batch's labels passed _check_labels
+
     def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
+        """Raise a ValueError unless `labels` are integer class indices (B,) in [0, num_labels).
+
+        As for the pixel values (`PRGModel.check_pixel_values`), the range is read back from the device on every
+        call in eval mode, and in training mode only until one batch has passed.
+        """
         num_labels = self.config.num_labels
         if labels.shape != (batch_size,) or labels.is_floating_point():
             raise ValueError(
                 f"labels must be integer class indices of shape ({batch_size},), got {labels.dtype} of shape "
                 f"{tuple(labels.shape)}."
             )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+        if not labels.numel() or (self.training and self._labels_passed_in_training):
+            return
+        if labels.min() < 0 or labels.max() >= num_labels:
             raise ValueError(
                 f"labels must be in [0, {num_labels}) for this {num_labels}-label model, got values from "
                 f"{labels.min().item()} to {labels.max().item()}. Set num_labels/id2label in the config to match "
                 "the data set."
             )
+        if self.training:
+            self._labels_passed_in_training = True
 
 
 class PRGForFlowMatching(PRGPreTrainedModel):

@@ -105,10 +105,9 @@ class TrainingProgress:
     def epoch_batches(self, accelerator, dataloader, epoch: int) -> Iterable:
         """The batches of `epoch` still to train on, from the prepared `dataloader`.
 
-        Sets the epoch of the data order (the seeded sampler) and of the dataset's seeded augmentation
-        (`dataset.set_epoch`); in the epoch a run resumed in, the batches it already trained on are skipped.
+        Sets the epoch of the data order (the seeded sampler); in the epoch a run resumed in, the batches it already
+        trained on are skipped.
         """
-        dataloader.dataset.set_epoch(epoch)
         dataloader.set_epoch(epoch)
         trained = self.batches_trained_in_epoch
         if not trained:

@@ -9,6 +9,7 @@ The hub serves with a token file that gives the test token (``HF_TOKEN``) the ``
 ``TEST_USER``, so tests push, create branches and delete repos as an authenticated client would on the Hub.
 """
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -39,6 +40,23 @@ import pytest  # noqa: E402 - the environment above must be set first
 from prg_hub.hub_server import HubServer, serve_hub  # noqa: E402
 
 _servers: list[HubServer] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_train_extra: runs the training scripts or their augmentation, which need torchvision "
+        "(prg_hub[train]); skipped where it is not installed"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `needs_train_extra` tests where torchvision is missing (the package's core does not need it)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    skip = pytest.mark.skip(reason='needs the training extra: pip install "prg_hub[train]" (torchvision)')
+    for item in items:
+        if "needs_train_extra" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -157,6 +157,27 @@ def test_labels_outside_the_label_set():
         model(torch.zeros(2, 3, 32, 32), labels=torch.tensor([0, 7]))
 
 
+def test_labels_are_range_checked_in_training_until_a_batch_passed(monkeypatch):
+    """A training step reads the labels back only until one batch passed: later steps never wait for the device."""
+    model = PRGForImageClassification(PRGConfig(num_steps=1, num_labels=3)).train()
+    pixels = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\).*got values from 0 to 7"):
+        model(pixels, labels=torch.tensor([0, 7]))  # the first batch is checked
+    model(pixels, labels=torch.tensor([0, 2]))
+
+    def no_read_back(self):
+        raise AssertionError("a training step read a tensor back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_read_back)
+    monkeypatch.setattr(torch.Tensor, "item", no_read_back)
+    loss = model(pixels, labels=torch.tensor([1, 2])).loss
+    monkeypatch.undo()
+    assert torch.isfinite(loss)
+    model.eval()
+    with pytest.raises(ValueError, match="labels must be in"):  # eval mode checks every call
+        model(pixels, labels=torch.tensor([0, 3]))
+
+
 def test_generate_needs_a_positive_image_count(unet_model):
     with pytest.raises(ValueError, match="num_images must be an integer >= 1, got 0"):
         unet_model.generate(num_images=0)

@@ -1,7 +1,6 @@
-"""Data loading, column detection, grayscale handling, augmentations and presets used by the example scripts."""
+"""Data loading, column detection, grayscale handling and presets used by the example scripts."""
 
 import collections
-import itertools
 
 import datasets
 import numpy as np
@@ -10,7 +9,6 @@ import torch
 from PIL import Image
 
 from prg_hub import PRGImageProcessor
-from prg_hub.augment import RANDAUGMENT_OPS, TrainAugmentation, rand_augment, random_crop_with_padding, random_erasing
 from prg_hub.data import ImageClassificationDataset, collate_readable, get_dataloaders, load_image_dataset
 from prg_hub.presets import backbone_preset
 
@@ -95,40 +93,16 @@ def test_imagefolder_with_string_class_names(tmp_path):
     assert labels == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("augmentation", ["none", "randaugment"])
-def test_grayscale_images_become_three_equal_channels(tmp_path, augmentation):
+def test_grayscale_images_become_three_equal_channels(tmp_path):
     data = load_image_dataset(str(write_parquet(tmp_path / "d", mode="L")))
     processor = PRGImageProcessor(size={"height": 16, "width": 16})
-    dataset = ImageClassificationDataset(
-        data.split("train"), data.image_column, data.label_column, processor, TrainAugmentation(augmentation, 16)
-    )
+    dataset = ImageClassificationDataset(data.split("train"), data.image_column, data.label_column, processor)
     item = dataset[1]
     assert item["pixel_values"].shape == (3, 16, 16)
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     assert torch.equal(item["pixel_values"][0], item["pixel_values"][1])
     assert torch.equal(item["pixel_values"][1], item["pixel_values"][2])
     assert item["labels"] == 1 and item["index"] == 1
-
-
-def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
-    data = load_image_dataset(str(write_parquet(tmp_path / "d")))
-    processor = PRGImageProcessor(size={"height": SIZE, "width": SIZE})
-
-    def dataset(seed):
-        return ImageClassificationDataset(
-            data.split("train"), data.image_column, data.label_column, processor,
-            TrainAugmentation("randaugment", SIZE, random_erasing=0.5), seed=seed,
-        )
-
-    first, second = dataset(0), dataset(0)
-    assert torch.equal(first[3]["pixel_values"], second[3]["pixel_values"])
-    plain = ImageClassificationDataset(data.split("train"), data.image_column, data.label_column, processor)
-    outcomes = []
-    for epoch in range(4):
-        first.set_epoch(epoch)
-        outcomes.append(first[3]["pixel_values"])
-    assert any(not torch.equal(a, b) for a, b in itertools.pairwise(outcomes))
-    assert any(not torch.equal(a, plain[3]["pixel_values"]) for a in outcomes)
 
 
 def test_dataloaders_shuffle_training_data_with_their_own_seed_and_read_the_evaluation_split_in_order(tmp_path):
@@ -160,38 +134,7 @@ def test_dataloaders_shuffle_training_data_with_their_own_seed_and_read_the_eval
     assert "labels" not in next(iter(unshuffled))
 
 
-def test_random_crop_with_padding_shifts_the_image():
-    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    rng = np.random.default_rng(0)
-    crops = [np.asarray(random_crop_with_padding(image, 2, rng)) for _ in range(20)]
-    assert all(crop.shape == (8, 8, 3) for crop in crops)
-    assert all(set(np.unique(crop)) <= {0, 200} for crop in crops)  # original pixels or the zero padding
-    assert len({crop.tobytes() for crop in crops}) > 3
-
-
-def test_every_randaugment_operation_keeps_size_and_mode():
-    image = _images(1)[0].resize((16, 16))
-    for name, operation in RANDAUGMENT_OPS.items():
-        for strength in (0.0, 0.5, 1.0):
-            out = operation(image, strength, np.random.default_rng(1))
-            assert (out.size, out.mode) == (image.size, image.mode), (name, strength)
-    changed = [not np.array_equal(np.asarray(rand_augment(image, np.random.default_rng(s))), np.asarray(image))
-               for s in range(10)]
-    assert any(changed)
-
-
-def test_random_erasing_fills_one_rectangle_with_noise():
-    pixels = torch.zeros(3, 16, 16)
-    erased = random_erasing(pixels, np.random.default_rng(0), probability=1.0)
-    rows, cols = torch.nonzero(erased.abs().sum(0)).unbind(1)
-    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    assert 0 < len(rows) == area  # a filled rectangle
-    assert torch.equal(random_erasing(pixels, np.random.default_rng(0), probability=0.0), pixels)
-
-
-def test_unknown_augmentation_and_preset_errors_list_allowed_values():
-    with pytest.raises(ValueError, match=r"Unknown augmentation 'autoaug'.*'randaugment'"):
-        TrainAugmentation("autoaug", 32)
+def test_unknown_preset_and_backbone_errors_list_allowed_values():
     with pytest.raises(ValueError, match=r"Unknown preset 'huge'.*\['tiny', 'small', 'paper'\]"):
         backbone_preset("unet2d", "huge", 32)
     with pytest.raises(ValueError, match=r"Unknown backbone 'vit'.*'dit'"):

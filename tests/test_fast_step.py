@@ -70,6 +70,6 @@ def test_compile_keeps_the_state_dict_keys_and_the_velocity():
     keys = list(model.state_dict())
     x, t = torch.rand(2, 3, 32, 32), torch.rand(2)
     eager = model.prg.velocity(x, t)
-    speed_up(model.prg, argparse.Namespace(compile=True, channels_last=False))
+    speed_up(model.prg, argparse.Namespace(compile=True, compile_mode="default", channels_last=False))
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model.prg.velocity(x, t), eager, rtol=1e-4, atol=1e-4)

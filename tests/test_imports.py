@@ -9,6 +9,7 @@ orders.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import pkgutil
 import subprocess
 import sys
@@ -48,6 +49,21 @@ def imported_package_modules(name: str, source: Path, known: set[str]) -> set[st
             continue
         found.update(target for target in targets if target in known and target != name)
     return found
+
+
+def modules_needing(library: str, modules: dict[str, Path]) -> set[str]:
+    """The prg_hub modules that import `library`, themselves or through other prg_hub modules."""
+    graph = {name: imported_package_modules(name, source, set(modules)) for name, source in modules.items()}
+    needing = set()
+    for name, source in modules.items():
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            imported = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(target and target.split(".")[0] == library for target in imported):
+                needing.add(name)
+    while grown := {name for name, targets in graph.items() if targets & needing and name not in needing}:
+        needing |= grown
+    return needing
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -92,9 +108,11 @@ def test_the_package_has_no_import_cycle():
 # first use, so those are touched too), then fork a child per module, which imports that module first (none of
 # prg_hub is loaded yet in the child), then every other module in the given order. Two children run at a time.
 IMPORT_EACH_FIRST = """
-import importlib, os, sys, traceback
+import importlib, importlib.util, os, sys, traceback
 import accelerate, datasets, diffusers, huggingface_hub, safetensors.torch, scipy.optimize, torch, torchdiffeq
 import transformers
+if importlib.util.find_spec("torchvision"):
+    import torchvision.transforms.v2
 transformers.PreTrainedModel, transformers.pipelines.Pipeline, transformers.AutoImageProcessor
 diffusers.UNet2DModel, diffusers.DiTTransformer2DModel, diffusers.training_utils.EMAModel
 order = sys.argv[1:]
@@ -121,9 +139,17 @@ sys.exit(1 if failures else 0)
 """
 
 
+def test_only_the_training_augmentation_needs_torchvision():
+    assert modules_needing("torchvision", package_modules()) == {"prg_hub.augment"}
+
+
 @pytest.mark.parametrize("order", ["sorted", "reversed"])
 def test_each_module_imports_first_in_a_fresh_interpreter(order):
-    names = sorted(package_modules(), reverse=order == "reversed")
+    """Every module (without torchvision, those that need it are left out: they come with prg_hub[train])."""
+    modules = package_modules()
+    if importlib.util.find_spec("torchvision") is None:
+        modules = {name: path for name, path in modules.items() if name not in modules_needing("torchvision", modules)}
+    names = sorted(modules, reverse=order == "reversed")
     result = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, *names], check=False, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -79,6 +79,7 @@ def test_the_old_checkpoint_is_deleted_only_after_the_new_one_is_complete(tmp_pa
     assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 2)]
 
 
+@pytest.mark.needs_train_extra
 def test_a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint(shapes, tmp_path):
     """SIGKILL the moment a new checkpoint is being written (with a limit of 1): the run resumes from the previous
     one, not from step 0, and ends with the weights of an uninterrupted run."""
@@ -121,8 +122,7 @@ def ema_run(shapes, tmp_path_factory) -> Path:
     launch("pretrain.py", ["--dataset", shapes, "--output_dir", output_dir, *PRETRAIN_ARGS, "--max_train_steps", 2,
                            "--checkpointing_steps", 1], num_processes=1)
     return output_dir
-
-
+@pytest.mark.needs_train_extra  # ema_run trains with the scripts
 def test_checkpoints_hold_no_pickle_that_needs_weights_only_false(ema_run):
     checkpoint = checkpoint_path(ema_run, 1)
     names = sorted(path.name for path in checkpoint.iterdir())
@@ -136,6 +136,7 @@ def test_checkpoints_hold_no_pickle_that_needs_weights_only_false(ema_run):
     assert len(ema) == len(list(PRGModel.from_pretrained(ema_run).parameters()))
 
 
+@pytest.mark.needs_train_extra  # ema_run trains with the scripts
 @pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
 def test_a_planted_pickle_in_a_checkpoint_never_runs(ema_run, shapes, planted, tmp_path):
     """A pickle that runs code when loaded, planted as the old EMA state file or in place of accelerate's files."""

@@ -141,12 +141,57 @@ def test_classifier_loss_adds_beta_times_flow_matching_loss_exactly_when_beta_po
 
 def test_a_classifier_training_step_checks_its_pixel_values_once(monkeypatch):
     """The check reads the batch back to the host; with β > 0 the flow-matching term must not read it again."""
-    model = tiny_classifier(fm_loss_weight=0.5)
+    model = tiny_classifier(fm_loss_weight=0.5).train()
     checked = []
     original = PRGModel.check_pixel_values
     monkeypatch.setattr(PRGModel, "check_pixel_values", lambda self, x: checked.append(x) or original(self, x))
     model(images(), labels=torch.tensor([0, 2])).loss.backward()
     assert len(checked) == 1
+
+
+def as_0_to_255(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] given as [0, 255] values, the mistake the value check exists for."""
+    scaled = (pixel_values + 1) * 127.5
+    scaled[0, 0, 0, 0] = 255.0
+    return scaled
+
+
+def no_host_read(tensor, *args):
+    raise AssertionError("the pixel values were read back to the host")
+
+
+def test_training_checks_pixel_values_on_the_first_batch_only(monkeypatch):
+    """A systematic mistake fails at the first training batch; after a good one, no training step waits for the
+    device to read the values back."""
+    model = PRGModel(PRGConfig(num_steps=2)).train()
+    with pytest.raises(ValueError, match=r"pixel_values reach \|x\| = 255, .*\[0, 255\] values"):
+        model(as_0_to_255(images()))
+    with pytest.raises(ValueError, match=r"pixel_values reach \|x\| = 255"):  # no batch has passed yet
+        model.flow_matching_loss(as_0_to_255(images()))
+    model.flow_matching_loss(images())  # the first training batch that passes
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "item", no_host_read)
+        model(as_0_to_255(images(seed=1)))  # not read back, so not refused
+        model.flow_matching_loss(as_0_to_255(images(seed=1)))
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):  # the free checks stay on every call
+        model(images()[:, :1])
+    with pytest.raises(ValueError, match="floating-point"):
+        model(as_0_to_255(images()).to(torch.uint8))
+
+
+def test_eval_mode_checks_pixel_values_on_every_call():
+    model = PRGModel(PRGConfig(num_steps=2))
+    model.train().flow_matching_loss(images())  # a training batch passed: eval mode still checks
+    model.eval()
+    not_finite = images()
+    not_finite[1, 2, 3, 4] = float("nan")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"pixel_values reach \|x\| = 255"):
+            model(as_0_to_255(images()))
+        with pytest.raises(ValueError, match="pixel_values contains NaN or Inf values"):
+            model(not_finite)
+        model(images())
 
 
 def test_generate_returns_images_in_range():
