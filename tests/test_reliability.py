@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {
     "image modes", "bad files", "tensors", "NaN paths", "resume kills", "server auth", "traversal",
@@ -13,6 +15,7 @@ CATEGORIES = {
 }
 
 
+@pytest.mark.needs_train_extra  # its "resume kills" and "NaN paths" categories run the training scripts
 def test_quick_reliability_table_has_no_wrong_answer(tmp_path):
     output = tmp_path / "reliability.json"
     result = subprocess.run([sys.executable, "benchmarks/reliability.py", "--quick", "--output", str(output)],
