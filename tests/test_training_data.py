@@ -67,13 +67,14 @@ def test_device_path_gives_the_stream_path_batches_per_process_epoch_and_resume(
                 assert device_batch["images"].dtype == torch.uint8
                 assert torch.equal(device_batch["images"], stream_batch["images"])
             orders.append([batch["index"].tolist() for batch in device_batches])
-            # Resuming after one batch of this epoch: both skip it and go on with the same batches.
-            resumed = skip_first_batches(device_shard, 1)
-            resumed.set_epoch(epoch)
-            assert [batch["index"].tolist() for batch in resumed] == orders[-1][1:]
-            resumed_stream = skip_first_batches(stream_shard, 1)
-            resumed_stream.set_epoch(epoch)
-            assert [batch["index"].tolist() for batch in resumed_stream] == orders[-1][1:]
+            # Resuming after one batch of this epoch, in a new process (fresh loaders), as
+            # `TrainingProgress.epoch_batches` does: both skip it and go on with the same batches.
+            for loader in (device, stream):
+                fresh = _shard(loader, num_processes, process_index)
+                fresh.set_epoch(epoch)
+                resumed = skip_first_batches(fresh, 1)
+                resumed.set_epoch(epoch)
+                assert [batch["index"].tolist() for batch in resumed] == orders[-1][1:]
     assert orders[0] != orders[1]  # a new shuffle every epoch
     if num_processes == 2:  # the processes train on disjoint shards
         first, second = {i for b in orders[0] for i in b}, {i for b in orders[2] for i in b}
