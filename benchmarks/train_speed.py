@@ -9,8 +9,8 @@ examples/pretrain.py and examples/finetune.py (forward, backward, the non-finite
   CPU inside the data loader (`--dataloader_num_workers` workers), then copied to the device; the OT pairing inside
   the step; eager, AdamW, an EMA updated parameter by parameter, the non-finite loss check read back every step;
 * fast, the scripts' defaults: the split decoded once onto the device (`--dataloader device`) and augmented there
-  (`TrainAugmentation`), the OT pairing one batch ahead (`NoisePairing`); `prg_hub.fast_step` (compiled,
-  channels-last and fused AdamW on CUDA, all off on the CPU), the non-finite check on the device (fused AdamW's
+  (`TrainAugmentation`), the OT pairing one batch ahead (`NoisePairing`); `prg_hub.fast_step` (channels-last
+  and fused AdamW on CUDA, off on the CPU; compiled with `--compile`), the non-finite check on the device (fused AdamW's
   `found_inf`), an EMA updated with foreach ops.
 
 On CUDA both run under bf16 autocast. Finetuning goes through `--num_steps` (default 4) Euler steps with exact
@@ -69,11 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers of the baseline's loader.")
     parser.add_argument("--profile_steps", type=int, default=0,
                         help="Profile N more steps of each fast path (torch.profiler): top operations in the JSON.")
+    parser.add_argument("--compile", action="store_true", help="Compile the fast path's network (opt-in, as in the "
+                        "scripts).")
     parser.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
                         help="torch.compile mode of the fast path (reduce-overhead: CUDA graphs).")
     parser.add_argument("--output", default=None, help="Default: benchmarks/results/train_speed_<device>.json.")
     args = parser.parse_args(argv)
-    args.compile = args.channels_last = args.fused_optimizer = None  # the scripts' defaults for the device
+    args.channels_last = args.fused_optimizer = None  # the scripts' defaults for the device
     return args
 
 
@@ -188,7 +190,7 @@ def measure(args, accelerator, image_data, network, fast: bool, loss_of, augment
         num_workers=0 if fast else args.dataloader_num_workers,
     )
     if fast:
-        speed_up(model.prg, args)
+        speed_up(model.prg, args, accelerator.device)
     else:  # augmented in the data loader, on the CPU
         loader.collate_fn = augmenting_collate(augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fast and args.fused_optimizer)

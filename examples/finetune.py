@@ -216,7 +216,7 @@ def training_function(args: argparse.Namespace) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logger.info(accelerator.state, main_process_only=False)
-    resolve_fast_step(args, accelerator.device)  # --compile, --channels_last, --fused_optimizer: on for CUDA
+    resolve_fast_step(args, accelerator.device)  # --channels_last, --fused_optimizer: on for CUDA; --compile opt-in
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def training_function(args: argparse.Namespace) -> None:
     set_seed(args.seed)  # the same head initialisation on every process
     model = build_model(args, image_data.label_names)
     model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
-    speed_up(model.prg, args)
+    speed_up(model.prg, args, accelerator.device)
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
     processor = default_image_processor(image_size)

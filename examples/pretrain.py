@@ -162,7 +162,7 @@ def training_function(args: argparse.Namespace) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logger.info(accelerator.state, main_process_only=False)
-    resolve_fast_step(args, accelerator.device)  # --compile, --channels_last, --fused_optimizer: on for CUDA
+    resolve_fast_step(args, accelerator.device)  # --channels_last, --fused_optimizer: on for CUDA; --compile opt-in
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def training_function(args: argparse.Namespace) -> None:
         time_scale=args.time_scale,
     )
     model = PRGForFlowMatching(config)
-    speed_up(model.prg, args)
+    speed_up(model.prg, args, accelerator.device)
     initial_sha256 = parameters_sha256(model) if args.record_batches else None
     ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True) if args.use_ema else None
     set_seed(args.seed, device_specific=True)

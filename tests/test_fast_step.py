@@ -1,6 +1,7 @@
 """The fast-step options: defaults by device, and the same training arithmetic with them as without."""
 
 import argparse
+import copy
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from diffusers.training_utils import EMAModel
 
 from prg_hub import PRGConfig, PRGForFlowMatching
 from prg_hub.fast_step import add_fast_step_arguments, resolve_fast_step, speed_up
+from prg_hub.presets import backbone_preset
 
 
 def _args(argv):
@@ -16,24 +18,43 @@ def _args(argv):
     return parser.parse_args(argv)
 
 
-def test_options_default_to_on_for_cuda_off_elsewhere_and_explicit_choices_stand():
+def test_options_default_to_on_for_cuda_compile_to_off_and_explicit_choices_stand():
     for device, expected in (("cuda", True), ("cpu", False)):
         args = _args([])
         resolve_fast_step(args, torch.device(device))
-        assert (args.compile, args.channels_last, args.fused_optimizer) == (expected,) * 3
+        assert (args.compile, args.channels_last, args.fused_optimizer) == (False, expected, expected)
     args = _args(["--compile", "--no-fused_optimizer"])
     resolve_fast_step(args, torch.device("cpu"))
     assert (args.compile, args.channels_last, args.fused_optimizer) == (True, False, False)
-    args = _args(["--no-channels_last"])
+    args = _args(["--compile", "--no-channels_last"])
     resolve_fast_step(args, torch.device("cuda"))
     assert (args.compile, args.channels_last, args.fused_optimizer) == (True, False, True)
+    with pytest.raises(ValueError, match="--compile with --channels_last gives wrong gradients on the CPU"):
+        resolve_fast_step(_args(["--compile", "--channels_last"]), torch.device("cpu"))
+
+
+def test_compiled_network_has_the_eager_gradients_on_the_cpu():
+    """`--compile` on the CPU: the same loss gradient for every weight as eager code (layout optimisation off)."""
+    torch.manual_seed(0)
+    config = PRGConfig(backbone_config=backbone_preset("unet2d", "tiny", 16))
+    eager = PRGForFlowMatching(config).eval()  # no dropout: the same arithmetic in both
+    compiled = copy.deepcopy(eager)
+    args = _args(["--compile"])
+    resolve_fast_step(args, torch.device("cpu"))
+    speed_up(compiled.prg, args, torch.device("cpu"))
+    x, t = torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4)
+    gradients = []
+    for model in (eager, compiled):
+        model.prg.velocity(x, t).square().mean().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert ((gradients[1] - gradients[0]).norm() / gradients[0].norm()) < 1e-4
 
 
 def _train(channels_last: bool, fused: bool, steps: int = 3):
     """A few AdamW steps with EMA on a tiny flow; returns (state dict, EMA weights, losses)."""
     torch.manual_seed(0)
     model = PRGForFlowMatching(PRGConfig())
-    speed_up(model.prg, argparse.Namespace(compile=False, channels_last=channels_last))
+    speed_up(model.prg, argparse.Namespace(compile=False, channels_last=channels_last), torch.device("cpu"))
     ema = EMAModel(model.parameters(), decay=0.9, foreach=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -70,6 +91,7 @@ def test_compile_keeps_the_state_dict_keys_and_the_velocity():
     keys = list(model.state_dict())
     x, t = torch.rand(2, 3, 32, 32), torch.rand(2)
     eager = model.prg.velocity(x, t)
-    speed_up(model.prg, argparse.Namespace(compile=True, compile_mode="default", channels_last=False))
+    compile_only = argparse.Namespace(compile=True, compile_mode="default", channels_last=False)
+    speed_up(model.prg, compile_only, torch.device("cpu"))
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model.prg.velocity(x, t), eager, rtol=1e-4, atol=1e-4)
