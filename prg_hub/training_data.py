@@ -132,21 +132,18 @@ class ResidentImageDataset(torch.utils.data.Dataset):
 def decode_split(split: datasets.Dataset, image_column: str, processor: PRGImageProcessing) -> torch.Tensor:
     """Every image of `split` through `decode_image`: uint8 (N, 3, H, W) on the CPU.
 
-    Raises ValueError naming the first image that cannot be decoded.
+    Raises ValueError naming the first image that cannot be decoded (`read_example` logs why), TypeError when
+    `image_column` does not hold images.
     """
     height, width = processor.size["height"], processor.size["width"]
     images = torch.empty((len(split), 3, height, width), dtype=torch.uint8)
     for index in range(len(split)):
-        try:
-            example = split[index]
-        except (OSError, SyntaxError, ValueError) as error:
+        example = read_example(split, index, image_column)
+        if example is None:
             raise ValueError(
-                f"Example {index} cannot be decoded ({type(error).__name__}: {error}); the device data path needs "
+                f"Example {index} cannot be decoded (the warning above gives the reason); the device data path needs "
                 "every image: use --dataloader stream, which skips unreadable ones."
-            ) from error
-        if not isinstance(example[image_column], Image.Image):
-            raise TypeError(f"Column {image_column!r} holds {type(example[image_column]).__name__}, not images; "
-                            "use --image_column.")
+            )
         images[index] = decode_image(example[image_column], processor)
     return images
 
