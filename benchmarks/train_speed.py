@@ -190,7 +190,7 @@ def measure(args, accelerator, image_data, network, fast: bool, loss_of, augment
         num_workers=0 if fast else args.dataloader_num_workers,
     )
     if fast:
-        speed_up(model.prg, args, accelerator.device)
+        speed_up(model.prg, args)
     else:  # augmented in the data loader, on the CPU
         loader.collate_fn = augmenting_collate(augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fast and args.fused_optimizer)

@@ -228,7 +228,7 @@ def training_function(args: argparse.Namespace) -> None:
     set_seed(args.seed)  # the same head initialisation on every process
     model = build_model(args, image_data.label_names)
     model.prg.gradient_checkpointing = args.gradient_checkpointing  # per-solver-step recomputation
-    speed_up(model.prg, args, accelerator.device)
+    speed_up(model.prg, args)
     set_seed(args.seed, device_specific=True)  # dropout and β·L_FM noise differ between processes
     image_size = model.config.image_size
     processor = default_image_processor(image_size)

@@ -191,7 +191,7 @@ def training_function(args: argparse.Namespace) -> None:
         time_scale=args.time_scale,
     )
     model = PRGForFlowMatching(config)
-    speed_up(model.prg, args, accelerator.device)
+    speed_up(model.prg, args)
     initial_sha256 = parameters_sha256(model) if args.record_batches else None
     ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True) if args.use_ema else None
     set_seed(args.seed, device_specific=True)

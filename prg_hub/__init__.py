@@ -29,6 +29,7 @@ from .image_processing_prg import (
     default_image_processor_class,
 )
 from .modeling_prg import (
+    FastInferenceOptions,
     FlowMatchingOutput,
     PRGForFlowMatching,
     PRGForImageClassification,
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "PATHS",
     "SOLVERS",
+    "FastInferenceOptions",
     "FlowMatchingOutput",
     "PRGConfig",
     "PRGFeatureExtractor",

@@ -1,8 +1,8 @@
 """The `prg-hub` command: classify and embed images with PRG models, sample from them, push and inspect them.
 
-    prg-hub classify IMAGES_OR_DIRS... [--model ID_OR_DIR] [--top-k K] [--json] [--batch-size B]
+    prg-hub classify IMAGES_OR_DIRS... [--model ID_OR_DIR] [--top-k K] [--json] [--batch-size B] [SPEED]
     prg-hub extract IMAGES_OR_DIRS... --output FILE.safetensors|FILE.npy [--model ID_OR_DIR] [--feature-t T]
-                    [--num-steps N] [--batch-size B]
+                    [--num-steps N] [--batch-size B] [SPEED]
     prg-hub generate --num-images N --output grid.png [--model ID_OR_DIR] [--num-steps N] [--seed S]
     prg-hub push DIR org/name [--revision BRANCH] [--private] [--commit-message MSG]
     prg-hub info [ID_OR_DIR]
@@ -15,6 +15,11 @@ command line is read whatever its extension; a directory expands, recursively an
 in it with an image extension (`IMAGE_EXTENSIONS`). A file that cannot be read is reported on stderr as
 `PATH: cannot read image (REASON)` and skipped; the others are still processed. Batches of more than one
 `--batch-size` show a progress bar on stderr. The model runs on the GPU when torch sees one.
+
+SPEED, the options of `PRGPreTrainedModel.enable_fast_inference` for classify and extract:
+`--dtype {float32,bfloat16,float16}` (the velocity network's weights; default float32), `--compile`
+(torch.compile the network; the first batch pays for the compilation) and `--channels-last` (channels-last
+weights, faster convolutions on GPUs). The ODE state stays float32 and the scores and features are float32.
 
 Exit status: 0 when everything succeeded; 1 when an input, the model or an upload failed (the other inputs are
 still processed); 2 when the command line is wrong (argparse errors, an unsupported output type, a model of the
@@ -52,6 +57,7 @@ from .model_card import PIPELINE_TAGS, load_model_card
 from .modeling_prg import PRGForImageClassification, PRGModel
 from .run_records import push_training_output
 
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
 )
@@ -156,6 +162,15 @@ def load_model(args: argparse.Namespace, model_id: str, model_class: type):
     return model.to(device).eval(), processor
 
 
+def apply_speed_options(model, args: argparse.Namespace) -> None:
+    """Apply the command's speed options (`add_speed_options`) to the loaded model; a combination the model refuses
+    (`--compile --channels-last` on the CPU) is a usage error."""
+    try:
+        model.enable_fast_inference(dtype=args.dtype, compile=args.compile, channels_last=args.channels_last)
+    except ValueError as error:
+        args.parser.error(f"--compile with --channels-last: {error}")
+
+
 def _describe(error: Exception) -> str:
     """An exception as one line; corrupt weight files are named as such."""
     message = " ".join(str(error).split()) or type(error).__name__
@@ -191,6 +206,7 @@ def classify(args: argparse.Namespace) -> int:
         args.parser.error(f"--top-k must be >= 1, got {args.top_k}.")
     model_id = args.model
     model, processor = load_model(args, model_id, PRGForImageClassification)
+    apply_speed_options(model, args)
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
     top_k = min(args.top_k, model.config.num_labels)
@@ -227,6 +243,7 @@ def extract(args: argparse.Namespace) -> int:
     model_id = args.model
     check_output_writable(output)
     model, processor = load_model(args, model_id, PRGModel)
+    apply_speed_options(model, args)
     errors = InputErrors()
     paths = expand_image_paths(args.images, errors)
     feature_t = model.config.feature_t if args.feature_t is None else args.feature_t
@@ -331,6 +348,17 @@ def serve_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_speed_options(sub: argparse.ArgumentParser) -> None:
+    """The options of `PRGPreTrainedModel.enable_fast_inference`, for the commands that run the reversed ODE."""
+    sub.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                     help="dtype of the velocity network's weights, in which it runs (default float32); the ODE "
+                          "state, the scores and the features stay float32. bfloat16 or float16 are fast on GPUs.")
+    sub.add_argument("--compile", action="store_true",
+                     help="torch.compile the velocity network (the first batch waits for the compilation).")
+    sub.add_argument("--channels-last", action="store_true",
+                     help="Store the network's weights channels-last (faster convolutions on GPUs).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prg-hub", description="Classify, embed and sample images with PRG models; push and inspect them."
@@ -351,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int, default=5, help="Labels per image (default 5, at most all labels).")
     sub.add_argument("--json", action="store_true", help='One JSON record per line: {"path", "predictions"}.')
     sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
+    add_speed_options(sub)
 
     sub = command("extract", extract, "Write pooled PRG features of the images, shape (N, C·p²).")
     sub.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="Image files or directories of them.")
@@ -359,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--feature-t", type=float, help="Time in (0, 1] of x_t (1 is noise); the model's by default.")
     sub.add_argument("--num-steps", type=int, help="Solver steps from t = 0 to feature_t; the model's by default.")
     sub.add_argument("--batch-size", type=int, default=32, help="Images per forward pass (default 32).")
+    add_speed_options(sub)
 
     sub = command("generate", generate, "Sample images from noise and save them as one grid.")
     sub.add_argument("--model", default=prg_hub.DEFAULT_MODEL,

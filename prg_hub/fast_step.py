@@ -6,17 +6,17 @@
 |                      | convolutions on tensor cores prefer; values and saved files unchanged   |                 |
 | `--fused_optimizer`  | AdamW's fused implementation (`fused=True`): one kernel updates every   | on for CUDA     |
 |                      | parameter, and a non-finite step is skipped on the device               |                 |
-| `--compile`          | `torch.compile` of the velocity network v_θ(x, t), in place             | off: opt-in     |
-|                      | (`nn.Module.compile`): state dict, checkpoints and saved models keep    |                 |
-|                      | their keys                                                              |                 |
+| `--compile`          | `torch.compile` of the velocity network v_θ(x, t), in place, one graph  | off: opt-in     |
+|                      | (`PRGPreTrainedModel.enable_fast_inference`): state dict, checkpoints   |                 |
+|                      | and saved models keep their keys                                        |                 |
 
 Each is a `--option/--no-option` pair. `--compile` is opt-in because a compiler can be wrong where eager code is
 right: on the CPU, inductor's layout optimisation schedules the read of nearest upsampling's input gradient (the
 UNet's `Upsample2D`) before the kernel that accumulates it, so every weight below the first upsampler got a zero
 or wrong gradient while the forward pass was right (relative gradient error 0.5 on the tiny UNet, torch 2.13).
-On the CPU the network is therefore compiled with `layout_optimization` off (`CPU_COMPILE_OPTIONS`), which gives
-the eager gradients (a test checks it), and `--compile` with `--channels_last` is refused there: channels-last
-weights bring the wrong gradients back (relative error 0.3). On CUDA the compiled gradients have not been
+On the CPU the network is therefore compiled with `layout_optimization` off (`modeling_prg.CPU_COMPILE_SETTINGS`),
+which gives the eager gradients (a test checks it), and `--compile` with `--channels_last` is refused there:
+channels-last weights bring the wrong gradients back (relative error 0.3). On CUDA the compiled gradients have not been
 checked against eager ones yet. `--compile_mode` is `torch.compile`'s mode: "reduce-overhead" replays the
 compiled network's kernels as CUDA graphs, which needs the same shapes every step (pretraining drops the last
 incomplete batch; finetuning keeps it, which costs one more graph).
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch._inductor import list_mode_options
 
 from .modeling_prg import PRGModel
 
@@ -41,7 +40,6 @@ FAST_STEP_OPTIONS: dict[str, str] = {
     "fused_optimizer": "use AdamW's fused implementation (default: on for CUDA)",
 }
 ON_FOR_CUDA = ("channels_last", "fused_optimizer")
-CPU_COMPILE_OPTIONS: dict[str, bool] = {"layout_optimization": False}
 
 
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -69,12 +67,7 @@ def resolve_fast_step(args: argparse.Namespace, device: torch.device) -> None:
                          "drop one of them, e.g. --no-channels_last.")
 
 
-def speed_up(model: PRGModel, args: argparse.Namespace, device: torch.device) -> None:
-    """Apply `--channels_last` and `--compile` (resolved) to `model` in place, for training on `device`;
-    parameters stay the same objects."""
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.compile and device.type == "cpu":
-        model.velocity.compile(options={**list_mode_options(args.compile_mode), **CPU_COMPILE_OPTIONS})
-    elif args.compile:
-        model.velocity.compile(mode=args.compile_mode)
+def speed_up(model: PRGModel, args: argparse.Namespace) -> None:
+    """Apply `--channels_last`, `--compile` and `--compile_mode` (resolved) to `model` in place, through
+    `model.enable_fast_inference`; parameters stay the same objects."""
+    model.enable_fast_inference(compile=args.compile, channels_last=args.channels_last, compile_mode=args.compile_mode)

@@ -18,6 +18,27 @@ L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L
 All three hold the velocity network under the same names (`prg.velocity.network.*`, with `base_model_prefix`
 "prg"), so a checkpoint of any of them loads into the others; a classifier's head is initialised afresh, or
 dropped.
+
+Precision. Each network computes in its weights' dtype w; everything between network evaluations (the ODE state
+x_t, the time grid, the flow-matching interpolants, targets and loss) is kept in the state dtype s =
+`backbones.state_dtype`: float32 for bfloat16, float16 or float32 weights and inputs, float64 when the weights or
+the inputs are float64. An Euler step of a bfloat16 model is therefore x_{k+1} = x_k + h·float32(v_θ(bf16(x_k),
+t_k)): the state is rounded to bfloat16 only where the network reads it, so its error at t = `feature_t` is that
+of the network's own rounding and does not grow with `num_steps`. The dtypes of the outputs follow:
+
+| output                                              | dtype                                             |
+|-----------------------------------------------------|---------------------------------------------------|
+| last_hidden_state, hidden_states, pooler_output     | s (the features are the ODE state)                |
+| logits                                              | s: the head reads the pooled features cast to its |
+|                                                     | weights' dtype and its output is cast back to s   |
+| loss, flow-matching loss                            | s                                                 |
+| `generate` images                                   | s                                                 |
+
+Under autocast (fp32 weights, the training scripts' mixed precision) s is float32 and the network's matrix
+products run in bfloat16 as autocast decides; the solver and the losses compute in float32.
+
+Speed. `enable_fast_inference(dtype=..., compile=..., channels_last=...)` casts the weights, compiles the velocity
+network in place and puts the 4-D weights in channels-last memory format; see `FastInferenceOptions`.
 """
 
 from __future__ import annotations
@@ -33,12 +54,14 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+from torch._inductor import list_mode_options
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
+from typing_extensions import Self  # typing.Self from Python 3.11; torch depends on typing_extensions
 
-from .backbones import backbone_type_of, build_backbone
+from .backbones import backbone_type_of, build_backbone, state_dtype
 from .checks import check_feature_t
 from .configuration_prg import PRGConfig
 from .finiteness import check_finite_output, check_finite_weights
@@ -62,6 +85,53 @@ class FlowMatchingOutput(ModelOutput):
     """
 
     loss: torch.FloatTensor | None = None
+
+
+WEIGHT_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32,
+}
+
+
+def resolve_weight_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype that `dtype` names: torch.bfloat16, torch.float16 or torch.float32, or one of the names of
+    `WEIGHT_DTYPES` ("bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32"); a ValueError lists them otherwise."""
+    if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in WEIGHT_DTYPES.values():
+        return dtype
+    raise ValueError(
+        f"dtype must be torch.bfloat16, torch.float16 or torch.float32, or one of the names {list(WEIGHT_DTYPES)}; "
+        f"got {dtype!r}."
+    )
+
+
+@dataclass(frozen=True)
+class FastInferenceOptions:
+    """The speed options in effect on a PRG model, set by `PRGPreTrainedModel.enable_fast_inference`.
+
+    A runtime state of the model, never saved: `save_pretrained` writes the same config.json and weight names with
+    or without them (the weights in the dtype they have).
+
+    Args:
+        dtype: the weights' dtype after the last call.
+        compile: the velocity network is compiled (`torch.compile`, fullgraph, in place).
+        compile_mode: `torch.compile`'s mode of that compilation; None when not compiled.
+        channels_last: the 4-D weights are in channels-last memory format.
+    """
+
+    dtype: torch.dtype
+    compile: bool = False
+    compile_mode: str | None = None
+    channels_last: bool = False
+
+
+# Inductor settings for a network compiled on the CPU. torch 2.13's C++ backend, with its convolution layout
+# optimisation, schedules the read of nearest upsampling's input gradient (the UNet's `Upsample2D`) before the
+# kernel that accumulates it: every weight below the first upsampler gets a zero or wrong gradient, while the
+# forward pass is right. Keeping the layouts as they are gives exact gradients.
+CPU_COMPILE_SETTINGS: dict[str, bool] = {"layout_optimization": False}
 
 
 def strict_forward(forward):
@@ -125,6 +195,80 @@ class PRGPreTrainedModel(PreTrainedModel):
                 output_type="pt",
             )
             init.copy_(module.pos_embed, pos_embed.float().unsqueeze(0))
+
+    fast_inference_options: FastInferenceOptions | None = None  # set by enable_fast_inference
+
+    def enable_fast_inference(
+        self,
+        dtype: torch.dtype | str | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        compile_mode: str = "default",
+    ) -> Self:
+        """Turn on the speed options of inference (and finetuning) in place; return the model, for chaining:
+
+            model = PRGForImageClassification.from_pretrained(path).enable_fast_inference(dtype="bf16", compile=True)
+
+        Args:
+            dtype: cast every weight to torch.bfloat16, torch.float16 or torch.float32 (or "bfloat16"/"bf16",
+                "float16"/"fp16", "float32"/"fp32"); None keeps the weights' dtype. The ODE state stays float32
+                (module docstring): with bfloat16 weights the features differ from float32 ones by the error of one
+                bfloat16 evaluation of the network (bfloat16 rounds to 2⁻⁹ relative), whatever the number of steps.
+            compile: compile the velocity network v_θ(x, t) (`base_model.velocity`, which casts x to the weights'
+                dtype and v back) with `torch.compile(fullgraph=True, mode=compile_mode)`, in place
+                (`nn.Module.compile`): the state dict, `save_pretrained` and `push_to_hub` keep the same weight
+                names. fullgraph makes a graph break an error rather than a silent return to eager code. The graph
+                is compiled at the first call, for its input shape (B, C, H, W), and serves every solver step and
+                every later call of that shape without recompiling; at the first other shape, torch compiles one
+                graph with symbolic sizes that serves the later ones (its automatic dynamic shapes). Per-step
+                gradient checkpointing recomputes the compiled network in the backward pass. On the CPU, inductor's
+                layout optimisation is left off (`CPU_COMPILE_SETTINGS`), and compile with channels_last is refused
+                there (channels-last weights bring the wrong gradients back).
+            channels_last: put the 4-D weights (the convolutions') in channels-last memory format.
+            compile_mode: `torch.compile`'s mode, one of `torch._inductor.list_mode_options()` ("default",
+                "reduce-overhead" for CUDA graphs, "max-autotune", …). CUDA graphs reuse the network's output
+                buffer from call to call, which the fixed-grid solvers (euler, heun, midpoint) allow and
+                torchdiffeq's methods do not (`solvers`).
+
+        A later call adds to the earlier ones: compile=False or channels_last=False undo nothing, and compiling again
+        with the same mode keeps the compiled network (a new mode compiles anew, never wrapping it twice). Neither
+        train/eval mode nor the config changes. The options in effect are `self.fast_inference_options`.
+
+        Raises:
+            ValueError naming the allowed values for any other dtype or compile_mode, and for compile with
+            channels_last on the CPU.
+        """
+        weight_dtype = None if dtype is None else resolve_weight_dtype(dtype)
+        modes = list(list_mode_options())
+        if compile_mode not in modes:
+            raise ValueError(f"compile_mode must be one of {modes}; got {compile_mode!r}.")
+        previous = self.fast_inference_options or FastInferenceOptions(dtype=self.dtype)
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and (compile or previous.compile) and (channels_last or previous.channels_last):
+            raise ValueError(
+                "compile with channels_last is refused on the CPU: torch's inductor gives such a network wrong "
+                "gradients there (its forward pass is right); use one of them."
+            )
+        if weight_dtype is not None:
+            self.to(weight_dtype)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        compiled_mode = previous.compile_mode
+        if compile and compile_mode != compiled_mode:
+            velocity = self.base_model.velocity
+            if on_cpu:
+                settings = {"options": {**list_mode_options(compile_mode), **CPU_COMPILE_SETTINGS}}
+            else:
+                settings = {"mode": compile_mode}
+            velocity.compile(fullgraph=True, **settings)
+            compiled_mode = compile_mode
+        self.fast_inference_options = FastInferenceOptions(
+            dtype=self.dtype,
+            compile=compiled_mode is not None,
+            compile_mode=compiled_mode,
+            channels_last=previous.channels_last or channels_last,
+        )
+        return self
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
         """`activation_checkpointing_enable()` (or `gradient_checkpointing_enable()`) turns on PRG's per-solver-step
@@ -231,10 +375,16 @@ class PRGModel(PRGPreTrainedModel):
         if self.training:
             self._passed_a_training_batch = True
 
+    def ode_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` (B, C, H, W) as an ODE state: cast to `backbones.state_dtype` of the weights and the input
+        (float32, or float64 for float64 weights or input)."""
+        return pixel_values.to(state_dtype(self.velocity.weight_dtype, pixel_values.dtype))
+
     def encode(
         self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`."""
+        """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`. The state
+        keeps the dtype of `pixel_values` (pass `ode_state(pixel_values)`)."""
         return integrate(
             self.velocity,
             pixel_values,
@@ -261,7 +411,8 @@ class PRGModel(PRGPreTrainedModel):
         """Reverse the flow from the images to `feature_t`.
 
         Args:
-            pixel_values: images in [-1, 1], shape (B, C, H, W); cast to the model's dtype.
+            pixel_values: images in [-1, 1], shape (B, C, H, W), any floating dtype; the ODE starts from them cast to
+                the state dtype (`ode_state`: float32, or float64 for float64 weights or input).
             feature_t, num_steps: override the config's values for this call.
             output_hidden_states: also return the trajectory x_{t_0}, …, x_{t_num_steps} (num_steps + 1 tensors of
                 shape (B, C, H, W), t_0 = 0 and the last = feature_t).
@@ -269,7 +420,8 @@ class PRGModel(PRGPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
-            hidden_states. In eval mode, features holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError`.
+            hidden_states, all in the state dtype. In eval mode, features holding NaN or Inf raise
+            `prg_hub.finiteness.NonFiniteError`.
         """
         # The values this call uses are checked, config values included (`from_pretrained(..., num_steps=...)` sets
         # config fields after the config has checked itself): feature_t here, num_steps and the solver by integrate.
@@ -280,9 +432,10 @@ class PRGModel(PRGPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         self.check_pixel_values(pixel_values)
-        pixel_values = pixel_values.to(self.dtype)
 
-        trajectory = self.encode(pixel_values, feature_t, num_steps, return_trajectory=output_hidden_states)
+        trajectory = self.encode(
+            self.ode_state(pixel_values), feature_t, num_steps, return_trajectory=output_hidden_states
+        )
         features = trajectory[-1] if output_hidden_states else trajectory
         if not self.training:
             check_finite_output(features, "features")
@@ -298,11 +451,13 @@ class PRGModel(PRGPreTrainedModel):
         """L_FM on a batch of images in [-1, 1], shape (B, C, H, W): mean over all elements of (v_θ(x_t, t) − u_t)².
 
         `noise`: ε of the same shape, already coupled with the images (`prg_hub.noise_pairing`); else drawn here.
+        x, ε, x_t, u_t and the loss are in the state dtype (`ode_state`); the network computes in its own.
         """
         self.check_pixel_values(pixel_values)
+        pixel_values = self.ode_state(pixel_values)
         if noise is not None:
-            noise = noise.to(self.dtype)
-        return self.probability_path.flow_matching_loss(self.velocity, pixel_values.to(self.dtype), generator, noise)
+            noise = noise.to(pixel_values.dtype)
+        return self.probability_path.flow_matching_loss(self.velocity, pixel_values, generator, noise)
 
     @torch.no_grad()
     def generate(
@@ -315,14 +470,16 @@ class PRGModel(PRGPreTrainedModel):
         """Sample images: draw ε ~ N(0, I) at t = 1 and integrate to t = 0 with `num_steps` steps of `solver`
         (default: the config's).
 
-        Returns a tensor of shape (num_images, C, H, W) clamped to [-1, 1].
+        Returns a tensor of shape (num_images, C, H, W) clamped to [-1, 1], in the state dtype (float32, or float64
+        for float64 weights): the noise is drawn and integrated in it, as `forward` integrates.
         """
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}.")
         num_steps = self.config.num_steps if num_steps is None else num_steps
         solver = self.config.solver if solver is None else solver
         shape = (num_images, self.config.num_channels, self.config.image_size, self.config.image_size)
-        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        dtype = state_dtype(self.velocity.weight_dtype)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         images = integrate(
             self.velocity,
             noise,
@@ -340,6 +497,8 @@ class PRGHead(nn.Module):
     """The PRG classification head on pooled features (B, C·p²): LayerNorm → Linear → Tanh → Linear → (B, num_labels).
 
     The last Linear, W·h (+ b), has the bias b only when `config.head_bias` (the released PRG code has none).
+    It computes in its weights' dtype and returns the logits in the dtype of the pooled features it is given (the
+    state dtype of `PRGModel`), as `backbones.VelocityBackbone` does for the network.
     """
 
     def __init__(self, config: PRGConfig):
@@ -350,7 +509,8 @@ class PRGHead(nn.Module):
         self.classifier = nn.Linear(config.head_hidden_size, config.num_labels, bias=config.head_bias)
 
     def forward(self, pooled_features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.tanh(self.hidden(self.norm(pooled_features))))
+        h = pooled_features.to(self.norm.weight.dtype)
+        return self.classifier(torch.tanh(self.hidden(self.norm(h)))).to(pooled_features.dtype)
 
 
 class PRGForImageClassification(PRGPreTrainedModel):
@@ -377,8 +537,9 @@ class PRGForImageClassification(PRGPreTrainedModel):
         With `labels` (B,) of class indices, `loss` = CE(logits, labels; label_smoothing) + β·L_FM(pixel_values)
         where the L_FM term is added only when β = `config.fm_loss_weight` > 0. `feature_t`, `num_steps` and
         `output_hidden_states` are those of `PRGModel.forward`.
-        Returns `ImageClassifierOutput` with logits (B, num_labels) (or its tuple, see `PRGModel.forward`). In eval
-        mode, logits holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
+        Returns `ImageClassifierOutput` with logits (B, num_labels) in the state dtype (float32 for bfloat16, float16
+        or float32 weights; see the module docstring) (or its tuple, see `PRGModel.forward`). In eval mode, logits
+        holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
         """
         features = self.prg(
             pixel_values,
@@ -397,7 +558,9 @@ class PRGForImageClassification(PRGPreTrainedModel):
             loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
             if self.config.fm_loss_weight > 0:
                 # pixel_values went through self.prg's check above: L_FM straight from the path, not checked again
-                fm_loss = self.prg.probability_path.flow_matching_loss(self.prg.velocity, pixel_values.to(self.dtype))
+                fm_loss = self.prg.probability_path.flow_matching_loss(
+                    self.prg.velocity, self.prg.ode_state(pixel_values)
+                )
                 loss = loss + self.config.fm_loss_weight * fm_loss
 
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
@@ -462,7 +625,7 @@ class PRGForFlowMatching(PRGPreTrainedModel):
             L_FM = mean over all elements of (v_θ(x_t, t) − u_t)², a scalar.
 
         Args:
-            pixel_values: the data x, shape (B, C, H, W); cast to the model's dtype.
+            pixel_values: the data x, shape (B, C, H, W); cast to the state dtype (`PRGModel.ode_state`).
             generator: the source of t and ε (default: torch's global generator).
             noise: ε (B, C, H, W) already coupled with the images (`prg_hub.noise_pairing.NoisePairing`, which
                 pairs OT-CFM batches off the training step); drawn and coupled here when None.

@@ -16,6 +16,21 @@ For PRG models the images reach the model exactly as `PRGImageProcessor` makes t
   the paths first. Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) are refused the
   same way.
 
+Both pipelines take the speed options of `PRGPreTrainedModel.enable_fast_inference` when they are built, and
+apply them to the model once:
+
+    pipeline("image-classification", model="org/name", dtype=torch.bfloat16, compile=True, channels_last=True)
+
+* `dtype` (transformers' own option, or its older name `torch_dtype`): the dtype of the weights, in which the
+  velocity network runs. `pipeline(model="org/name", dtype=...)` loads the weights in it (a torch dtype or its
+  name, as transformers takes it); a model object passed in is cast to it by `enable_fast_inference`, which names
+  the dtypes it takes when given another. Without it the weights keep the dtype they were loaded in. The ODE
+  state, the pixel values the processor makes and the features stay float32.
+* `compile`: `torch.compile` the velocity network (fullgraph); the first call compiles it, later calls reuse it.
+* `channels_last`: the network's weights in the channels-last memory format (faster convolutions on GPUs).
+
+Other models refuse `compile` and `channels_last` with a ValueError, and keep transformers' handling of `dtype`.
+
 The feature extractor takes two per-call options of the reversed ODE:
 
     extractor(images, feature_t=0.5, num_steps=10, pool=True)
@@ -37,15 +52,45 @@ from .modeling_prg import PRGPreTrainedModel
 
 def prg_model_inputs(pipe: Pipeline, image, timeout: float | None = None, **image_processor_kwargs) -> dict:
     """Model inputs of a PRG pipeline for one image: a path, URL or base64 string is read in its stored mode and
-    the image processor converts it; a PIL image, array or tensor goes to the processor as it is."""
+    the image processor converts it; a PIL image, array or tensor goes to the processor as it is. The pixel values
+    stay float32 whatever the weights' dtype: they are the initial state of the ODE, which is integrated in float32.
+    """
     if isinstance(image, str):
         image = open_image(image, timeout=timeout)
-    return pipe.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(pipe.dtype)
+    return pipe.image_processor(image, return_tensors="pt", **image_processor_kwargs)
+
+
+def apply_speed_options(pipe: Pipeline, dtype, compile: bool, channels_last: bool) -> None:
+    """Apply a pipeline's construction options (module docstring) to its model, once.
+
+    A PRG model gets `enable_fast_inference(dtype=..., compile=..., channels_last=...)`, with `dtype` the one asked
+    for (`None` or "auto": the dtype the weights were loaded in). Any other model refuses `compile` and
+    `channels_last` with a ValueError.
+    """
+    if isinstance(pipe.model, PRGPreTrainedModel):
+        weights_dtype = pipe.model.dtype if dtype is None or dtype == "auto" else dtype
+        pipe.model.enable_fast_inference(dtype=weights_dtype, compile=compile, channels_last=channels_last)
+    elif compile or channels_last:
+        raise ValueError(
+            f"compile and channels_last only apply to PRG models; {type(pipe.model).__name__} does not take them."
+        )
+
+
+def requested_dtype(kwargs: dict):
+    """The weights' dtype asked of a pipeline: `dtype`, else its older name `torch_dtype`, else None."""
+    dtype = kwargs.get("dtype")
+    return kwargs.get("torch_dtype") if dtype is None or dtype == "auto" else dtype
 
 
 class PRGImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` reading images as `PRGImageProcessor` does for PRG models (module docstring):
-    `pipeline("image-classification", model=prg_checkpoint)(images, top_k=5)` → [{"label", "score"}, ...]."""
+    `pipeline("image-classification", model=prg_checkpoint)(images, top_k=5)` → [{"label", "score"}, ...].
+    `compile` and `channels_last` (and `dtype`): the speed options of the module docstring."""
+
+    def __init__(self, *args, compile: bool = False, channels_last: bool = False, **kwargs):
+        dtype = requested_dtype(kwargs)
+        super().__init__(*args, **kwargs)
+        apply_speed_options(self, dtype, compile, channels_last)
 
     def preprocess(self, image, **preprocess_params):
         if isinstance(self.model, PRGPreTrainedModel):
@@ -54,8 +99,13 @@ class PRGImageClassificationPipeline(ImageClassificationPipeline):
 
 
 class PRGFeatureExtractor(ImageFeatureExtractionPipeline):
-    """Image feature extraction through the reversed flow; see the module docstring for the call options and how
-    images are read."""
+    """Image feature extraction through the reversed flow; see the module docstring for the speed options
+    (`compile`, `channels_last`, `dtype`), the call options and how images are read."""
+
+    def __init__(self, *args, compile: bool = False, channels_last: bool = False, **kwargs):
+        dtype = requested_dtype(kwargs)
+        super().__init__(*args, **kwargs)
+        apply_speed_options(self, dtype, compile, channels_last)
 
     def _sanitize_parameters(self, image_processor_kwargs=None, return_tensors=None, pool=None, feature_t=None,
                              num_steps=None, **kwargs):

@@ -14,6 +14,16 @@ With h = t_{k+1} − t_k (negative when integrating towards t = 0), the fixed-gr
     euler:     x_{k+1} = x_k + h·v(x_k, t_k)                                             order 1
     heun:      x̃ = x_k + h·v(x_k, t_k);  x_{k+1} = x_k + h/2·(v(x_k, t_k) + v(x̃, t_{k+1}))   order 2
     midpoint:  x̃ = x_k + h/2·v(x_k, t_k); x_{k+1} = x_k + h·v(x̃, t_k + h/2)                order 2
+
+Each fixed-grid step uses up every velocity it evaluates before the next evaluation, so a network whose output
+buffer is reused from one call to the next (replayed as a CUDA graph: torch.compile's "reduce-overhead" mode) gives
+the same steps. torchdiffeq's methods hold several velocities at once and need a network that returns new tensors.
+
+Precision: the state keeps the dtype of the x it starts from, and the time grid is float64 for a float64 state,
+float32 otherwise. The velocity must return the state's dtype: a network computing in bfloat16 is called through
+`backbones.VelocityBackbone`, which casts its output back, so the updates above are summed in float32 and the error of
+x at the end stays that of the network's own rounding however many steps are taken. A bfloat16 state would round
+every sum instead: an increment h·v smaller than 2⁻⁹·|x| is lost entirely.
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ def _euler_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: tor
 def _heun_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
     h = t1 - t0
     slope_start = _slope(velocity, x, t0)
-    slope_end = _slope(velocity, x + h * slope_start, t1)
-    return x + 0.5 * h * (slope_start + slope_end)
+    x_euler = x + h * slope_start
+    x_half_update = x + 0.5 * h * slope_start  # slope_start used up before the next evaluation
+    return x_half_update + 0.5 * h * _slope(velocity, x_euler, t1)
 
 
 def _midpoint_step(velocity: VelocityFn, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:

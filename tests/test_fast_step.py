@@ -41,7 +41,7 @@ def test_compiled_network_has_the_eager_gradients_on_the_cpu():
     compiled = copy.deepcopy(eager)
     args = _args(["--compile"])
     resolve_fast_step(args, torch.device("cpu"))
-    speed_up(compiled.prg, args, torch.device("cpu"))
+    speed_up(compiled.prg, args)
     x, t = torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4)
     gradients = []
     for model in (eager, compiled):
@@ -54,7 +54,7 @@ def _train(channels_last: bool, fused: bool, steps: int = 3):
     """A few AdamW steps with EMA on a tiny flow; returns (state dict, EMA weights, losses)."""
     torch.manual_seed(0)
     model = PRGForFlowMatching(PRGConfig())
-    speed_up(model.prg, argparse.Namespace(compile=False, channels_last=channels_last), torch.device("cpu"))
+    speed_up(model.prg, argparse.Namespace(compile=False, channels_last=channels_last, compile_mode="default"))
     ema = EMAModel(model.parameters(), decay=0.9, foreach=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -92,6 +92,6 @@ def test_compile_keeps_the_state_dict_keys_and_the_velocity():
     x, t = torch.rand(2, 3, 32, 32), torch.rand(2)
     eager = model.prg.velocity(x, t)
     compile_only = argparse.Namespace(compile=True, compile_mode="default", channels_last=False)
-    speed_up(model.prg, compile_only, torch.device("cpu"))
+    speed_up(model.prg, compile_only)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model.prg.velocity(x, t), eager, rtol=1e-4, atol=1e-4)

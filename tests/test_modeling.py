@@ -309,11 +309,52 @@ def test_per_step_checkpointing_keeps_memory_from_growing_with_the_steps():
     assert checkpointed_per_step <= 1.5 * state_bytes  # only the state at each grid point is kept
 
 
-def test_forward_casts_pixel_values_to_the_model_dtype():
-    model = tiny_classifier().to(torch.bfloat16)
-    logits = model(images()).logits  # float32 pixel values into a bfloat16 model
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert model.prg.flow_matching_loss(images()).dtype == torch.bfloat16
+def _network_input_dtypes(model):
+    """The dtypes of the images the diffusers network reads, recorded call by call."""
+    seen = []
+    model.base_model.velocity.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    return seen
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_the_network_computes_in_its_weights_dtype_and_everything_else_in_float32(weight_dtype):
+    model = tiny_classifier().to(weight_dtype)
+    network_inputs = _network_input_dtypes(model)
+    for pixel_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        output = model.prg(images().to(pixel_dtype), output_hidden_states=True)
+        assert output.last_hidden_state.dtype == output.pooler_output.dtype == torch.float32
+        assert {state.dtype for state in output.hidden_states} == {torch.float32}  # the ODE state, every step
+        classified = model(images().to(pixel_dtype), labels=torch.tensor([1, 2]))
+        assert classified.logits.dtype == classified.loss.dtype == torch.float32
+        assert torch.isfinite(classified.logits).all()
+    assert set(network_inputs) == {weight_dtype}  # while v_θ runs in the weights' dtype
+    assert model.prg.flow_matching_loss(images()).dtype == torch.float32
+    assert model.prg.generate(2).dtype == torch.float32
+    assert model.dtype == weight_dtype  # weights untouched
+
+
+def test_a_float64_input_or_model_integrates_in_float64():
+    model = tiny_classifier()
+    network_inputs = _network_input_dtypes(model)
+    output = model.prg(images().double())
+    assert output.last_hidden_state.dtype == torch.float64 and set(network_inputs) == {torch.float32}
+    reference = model.prg(images()).last_hidden_state  # the same float32 network: only the state's rounding differs
+    torch.testing.assert_close(output.last_hidden_state.float(), reference, rtol=1e-5, atol=1e-5)
+    model = tiny_classifier().double()
+    assert model(images()).logits.dtype == torch.float64 and model.prg.generate(1).dtype == torch.float64
+
+
+def test_autocast_training_keeps_float32_weights_state_logits_and_gradients():
+    model = tiny_classifier().train()
+    network_outputs = []
+    model.prg.velocity.network.register_forward_hook(lambda module, args, out: network_outputs.append(out.sample.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(images(), labels=torch.tensor([1, 2]), output_hidden_states=True)
+    assert set(network_outputs) == {torch.bfloat16}  # autocast runs the network in bfloat16
+    assert {state.dtype for state in output.hidden_states} == {torch.float32}
+    assert output.logits.dtype == output.loss.dtype == torch.float32
+    output.loss.backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
 def test_random_draws_come_from_the_generator_alone():

@@ -1,5 +1,7 @@
-"""The two pipelines on PIL images, loaded from a PRG checkpoint folder by `pipeline(...)`; other models get
-transformers' own behaviour."""
+"""The two pipelines on PIL images, loaded from a PRG checkpoint folder by `pipeline(...)`, with and without the
+speed options (bf16 weights, torch.compile, channels-last); other models get transformers' own behaviour."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from transformers import pipeline
 from transformers.models.vit import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 from transformers.pipelines import ImageClassificationPipeline, ImageFeatureExtractionPipeline
 
+import prg_hub
 from prg_hub import (
     PRGConfig,
     PRGFeatureExtractor,
@@ -18,8 +21,10 @@ from prg_hub import (
     PRGImageProcessor,
     PRGModel,
 )
+from prg_hub.modeling_prg import FastInferenceOptions
 
 LABELS = {0: "airplane", 1: "bird", 2: "ship"}
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +145,67 @@ def test_other_models_get_the_stock_pipeline_behaviour(tmp_path, task, stock_cla
     for name in ("sixteen-bit.png", "transparent.png"):
         path = str(tmp_path / name)
         assert torch.equal(model_input(registered, path), model_input(stock, path)), name
+
+
+@pytest.fixture(scope="module")
+def example_image_paths() -> list[str]:
+    """The CIFAR-10 example images, which the shipped classifier labels with clear margins."""
+    return [str(path) for path in sorted(EXAMPLE_IMAGES.glob("*.png"))]
+
+
+def test_bfloat16_pipelines_match_float32_with_float32_inputs_and_features(example_image_paths):
+    """`dtype=torch.bfloat16` runs the network in bf16 on a float32 ODE state: the shipped classifier's scores
+    stay within 0.02 of the float32 ones (measured: 0.003), so every example image that float32 labels with a
+    margin over 0.04 keeps its label (all but a few near-ties); the features stay float32 and close."""
+    float32 = pipeline("image-classification", model=prg_hub.DEFAULT_MODEL)
+    bfloat16 = pipeline("image-classification", model=prg_hub.DEFAULT_MODEL, dtype=torch.bfloat16)
+    assert bfloat16.model.dtype == torch.bfloat16 and float32.model.dtype == torch.float32
+    assert model_input(bfloat16, example_image_paths[0]).dtype == torch.float32
+    expected, predicted = float32(example_image_paths, top_k=10), bfloat16(example_image_paths, top_k=10)
+    clear = [i for i, scores in enumerate(expected) if scores[0]["score"] - scores[1]["score"] > 0.04]
+    assert len(clear) >= 15
+    assert [predicted[i][0]["label"] for i in clear] == [expected[i][0]["label"] for i in clear]
+    for fast, exact in zip(predicted, expected, strict=True):
+        fast_scores = {p["label"]: p["score"] for p in fast}
+        np.testing.assert_allclose([fast_scores[p["label"]] for p in exact], [p["score"] for p in exact], atol=0.02)
+
+    extractors = [pipeline("image-feature-extraction", model=prg_hub.DEFAULT_MODEL, dtype=dtype)
+                  for dtype in (torch.float32, torch.bfloat16)]
+    exact, fast = (extractor(example_image_paths[:4], pool=True, return_tensors=True) for extractor in extractors)
+    for fast_features, exact_features in zip(fast, exact, strict=True):
+        assert fast_features.dtype == torch.float32
+        torch.testing.assert_close(fast_features, exact_features, rtol=0.05, atol=0.02)
+
+
+def test_compile_and_channels_last_options_reach_the_model(checkpoint, pil_images):
+    """`compile=True` or `channels_last=True` at construction: the velocity network is compiled in place, or its
+    convolutions hold channels-last weights; the features equal the eager float32 ones. Both at once are refused
+    on the CPU (a compiled network with channels-last weights has wrong gradients there)."""
+    compiled = pipeline("image-feature-extraction", model=str(checkpoint), compile=True)
+    assert compiled.model.fast_inference_options == FastInferenceOptions(
+        dtype=torch.float32, compile=True, compile_mode="default")
+    assert compiled.model.velocity._compiled_call_impl is not None
+    channels_last = pipeline("image-feature-extraction", model=str(checkpoint), channels_last=True)
+    assert channels_last.model.fast_inference_options == FastInferenceOptions(dtype=torch.float32, channels_last=True)
+    convolutions = [module for module in channels_last.model.velocity.modules() if isinstance(module, torch.nn.Conv2d)]
+    assert convolutions and all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convolutions)
+    reference = reference_features(checkpoint, pil_images[0]).last_hidden_state
+    for extractor in (compiled, channels_last):
+        torch.testing.assert_close(extractor(pil_images[0], return_tensors=True), reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compile with channels_last is refused on the CPU"):
+        pipeline("image-feature-extraction", model=str(checkpoint), compile=True, channels_last=True)
+
+
+def test_a_bad_dtype_is_refused_with_the_names_it_takes(checkpoint):
+    model = PRGForImageClassification.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match=r"dtype must be torch.bfloat16, torch.float16 or torch.float32.*'float8'"):
+        pipeline("image-classification", model=model, image_processor=PRGImageProcessor(), dtype="float8")
+
+
+def test_speed_options_are_refused_for_other_models(tmp_path):
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=8, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(tmp_path)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only apply to PRG models; ViTForImageClassification"):
+        pipeline("image-classification", model=str(tmp_path), compile=True)

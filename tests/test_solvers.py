@@ -83,6 +83,31 @@ def test_checkpointed_gradients_equal_plain_backprop(solver):
         torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-12)
 
 
+class ReusedOutputBuffer:
+    """A velocity that writes every result into the same output tensor, as a network replayed from a CUDA graph
+    (torch.compile's "reduce-overhead" mode) does: each result holds only until the next evaluation."""
+
+    def __init__(self, velocity):
+        self.velocity = velocity
+        self.output = None
+
+    def __call__(self, x, t):
+        value = self.velocity(x, t)
+        if self.output is None:
+            self.output = torch.empty_like(value)
+        return self.output.copy_(value)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
+def test_fixed_grid_steps_use_each_velocity_before_the_next_evaluation(solver):
+    field = SmoothField()
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = integrate(field, x, 0.0, 1.0, 8, solver=solver, return_trajectory=True)
+        reused = integrate(ReusedOutputBuffer(field), x, 0.0, 1.0, 8, solver=solver, return_trajectory=True)
+    assert all(torch.equal(state, expected_state) for state, expected_state in zip(reused, expected))
+
+
 def test_trajectory_holds_every_grid_point():
     x0 = torch.ones(2, 1, dtype=torch.float64)
     trajectory = integrate(linear_velocity, x0, 0.0, 1.0, 5, solver="euler", return_trajectory=True)
@@ -117,6 +142,32 @@ def test_adjoint_gradients_are_close_to_exact_backprop():
         gradients.append(torch.cat([p.grad.flatten() for p in field.parameters()]))
     exact, adjoint = gradients
     assert ((adjoint - exact).norm() / exact.norm()).item() < 1e-3
+
+
+def bfloat16_linear_velocity(x, t):
+    """RATE·x computed in bfloat16 and returned in the state's dtype, as `backbones.VelocityBackbone` runs a bfloat16
+    network: each evaluation is off by bfloat16's rounding, at most 2⁻⁸ relative."""
+    return (RATE * x.to(torch.bfloat16)).to(x.dtype)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "rk4"])
+def test_a_float32_state_keeps_a_bfloat16_velocity_error_from_growing_with_the_steps(solver):
+    """Against the float64 solution on the same grid: the float32 state's error stays within the velocity's own
+    error integrated along the path, 2⁻⁸·‖x(1) − x(0)‖, at 10 steps as at 1000; a bfloat16 state rounds away the
+    increments h·v once they fall below its resolution (2.7 relative error at 1000 steps)."""
+    x0 = torch.linspace(0.5, 2.0, 64).reshape(1, 64)
+    error, bfloat16_state_error = {}, {}
+    for num_steps in (10, 100, 1000):
+        exact = integrate(linear_velocity, x0.double(), 0.0, 1.0, num_steps, solver=solver)
+        state = integrate(bfloat16_linear_velocity, x0, 0.0, 1.0, num_steps, solver=solver)
+        bfloat16_state = integrate(bfloat16_linear_velocity, x0.bfloat16(), 0.0, 1.0, num_steps, solver=solver)
+        assert state.dtype == torch.float32 and bfloat16_state.dtype == torch.bfloat16
+        error[num_steps] = ((state.double() - exact).norm() / exact.norm()).item()
+        bfloat16_state_error[num_steps] = ((bfloat16_state.double() - exact).norm() / exact.norm()).item()
+    velocity_scale = 2**-8 * ((exact - x0.double()).norm() / exact.norm()).item()
+    assert max(error.values()) <= velocity_scale
+    assert error[1000] <= 1.5 * error[10]
+    assert bfloat16_state_error[1000] > 100 * error[1000] and bfloat16_state_error[1000] > velocity_scale
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
