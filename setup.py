@@ -37,7 +37,10 @@ setup(
         "train": ["accelerate>=1.1", "datasets>=3.0", "pyyaml", "torchvision>=0.26"],
         # the torchvision backend of the image processor (PRGImageProcessor); without it, PRGImageProcessorPil
         "vision": ["torchvision"],
-        # setuptools: the tests build a wheel (without build isolation) to check what it installs
-        "test": ["pytest>=8", "accelerate>=1.1", "datasets>=3.0", "pyyaml", "setuptools>=70.1"],
+        # the web demo (`prg-hub demo`, app.py): gradio 6 takes the theme in launch()
+        "demo": ["gradio>=6.0"],
+        # setuptools: the tests build a wheel (without build isolation) to check what it installs; selenium drives
+        # Chromium in the demo's browser test
+        "test": ["pytest>=8", "accelerate>=1.1", "datasets>=3.0", "pyyaml", "setuptools>=70.1", "selenium>=4.11"],
     },
 )

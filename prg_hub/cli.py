@@ -6,6 +6,7 @@
     prg-hub generate --num-images N --output grid.png [--model ID_OR_DIR] [--num-steps N] [--seed S]
     prg-hub push DIR org/name [--revision BRANCH] [--private] [--commit-message MSG]
     prg-hub info [ID_OR_DIR]
+    prg-hub demo [--model ID_OR_DIR] [--port N]
     prg-hub serve-hub --root DIR [--host 127.0.0.1] [--port 8000] [--token-file FILE] [--allow-anonymous-writes]
                       [--max-upload-bytes N] [--max-threads N]
 
@@ -348,6 +349,28 @@ def serve_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    """Serve the web demo (`prg_hub.demo`: classify, the reversed trajectory, generation) on 127.0.0.1 until
+    interrupted. gradio, the `demo` extra, is imported here only: without it this is a usage error."""
+    from importlib import import_module
+
+    try:
+        import_module("gradio")
+    except ImportError:
+        args.parser.error('the demo needs gradio: pip install "prg_hub[demo]"')
+    from .demo import NotAClassifierError, build_demo, launch
+
+    try:
+        app = build_demo(args.model)
+    except NotAClassifierError as error:
+        args.parser.error(str(error))
+    except LOAD_ERRORS as error:
+        raise CommandFailed(f"cannot load model {args.model!r}: {_describe(error)}") from error
+    with reported_as_failure(OSError):  # the port is taken
+        launch(app, server_name="127.0.0.1", server_port=args.port)
+    return 0
+
+
 def add_speed_options(sub: argparse.ArgumentParser) -> None:
     """The options of `PRGPreTrainedModel.enable_fast_inference`, for the commands that run the reversed ODE."""
     sub.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
@@ -408,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("info", info, "Print a model's config summary, parameter count and card metrics.")
     sub.add_argument("model", metavar="ID_OR_DIR", nargs="?", default=prg_hub.DEFAULT_MODEL, help=model_help)
+
+    sub = command("demo", demo, "Serve the web demo (classify, trajectory, generate) on 127.0.0.1; needs the "
+                                "demo extra: pip install \"prg_hub[demo]\".")
+    sub.add_argument("--model", default=prg_hub.DEFAULT_MODEL,
+                     help=f"A PRGForImageClassification checkpoint: {model_help}")
+    sub.add_argument("--port", type=int, default=7860, help="Port on 127.0.0.1 (default 7860).")
 
     sub = command("serve-hub", serve_hub, "Serve a local Hugging Face Hub (set HF_ENDPOINT to its URL).")
     sub.add_argument("--root", required=True, help="Folder holding the hub's repos (created if needed).")

@@ -47,16 +47,33 @@ def pytest_configure(config):
         "markers", "needs_train_extra: runs the training scripts or their augmentation, which need torchvision "
         "(prg_hub[train]); skipped where it is not installed"
     )
+    config.addinivalue_line(
+        "markers", "needs_browser: drives the web demo in headless Chromium, which needs gradio (prg_hub[demo]), "
+        "selenium and Debian's chromium and chromium-driver; skipped where one is missing"
+    )
+
+
+def missing_for_browser_tests() -> list[str]:
+    """What the `needs_browser` tests need and this machine lacks: modules gradio and selenium, programs chromium
+    and chromedriver."""
+    missing = [module for module in ("gradio", "selenium") if importlib.util.find_spec(module) is None]
+    return missing + [program for program in ("chromium", "chromedriver") if shutil.which(program) is None]
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip the `needs_train_extra` tests where torchvision is missing (the package's core does not need it)."""
-    if importlib.util.find_spec("torchvision") is not None:
-        return
-    skip = pytest.mark.skip(reason='needs the training extra: pip install "prg_hub[train]" (torchvision)')
+    """Skip the `needs_train_extra` tests where torchvision is missing (the package's core does not need it), and
+    the `needs_browser` tests where gradio, selenium or Chromium is missing."""
+    skips = {}
+    if importlib.util.find_spec("torchvision") is None:
+        skips["needs_train_extra"] = pytest.mark.skip(
+            reason='needs the training extra: pip install "prg_hub[train]" (torchvision)')
+    if missing := missing_for_browser_tests():
+        skips["needs_browser"] = pytest.mark.skip(reason=f"needs {', '.join(missing)}: pip install "
+                                                  '"prg_hub[demo,test]"; apt-get install chromium chromium-driver')
     for item in items:
-        if "needs_train_extra" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):
