@@ -22,6 +22,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from .backbones import BACKBONES
 from .configuration_prg import PRGConfig
+from .heads import HEADS
 from .image_processing_prg import (
     PRGImageProcessor,
     PRGImageProcessorPil,
@@ -34,6 +35,7 @@ from .modeling_prg import (
     PRGForFlowMatching,
     PRGForImageClassification,
     PRGModel,
+    PRGModelOutput,
     PRGPreTrainedModel,
 )
 from .paths import PATHS, get_path
@@ -59,6 +61,7 @@ register_pipelines()
 __all__ = [
     "BACKBONES",
     "DEFAULT_MODEL",
+    "HEADS",
     "PATHS",
     "SOLVERS",
     "FastInferenceOptions",
@@ -71,6 +74,7 @@ __all__ = [
     "PRGImageProcessor",
     "PRGImageProcessorPil",
     "PRGModel",
+    "PRGModelOutput",
     "PRGPreTrainedModel",
     "default_image_processor",
     "get_path",

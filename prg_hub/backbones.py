@@ -15,12 +15,20 @@ adapter feeds it x cast to w and returns v cast back to x's dtype, so that an Eu
 and the rounding of x_k to w happens only at the network's input, never in the sum that carries the state from
 step to step: the error of x at the end stays that of one network evaluation, whatever the number of steps.
 
-Adding a backbone: subclass `VelocityBackbone`, set `network_class`, implement `network_velocity` and
-`check_spatial_size`, add it to `BACKBONES` under a short name, and give it its sizes in
-`presets.backbone_preset` (its `tiny` one is the network of a `PRGConfig` given no `backbone_config`).
+Blocks. Heads that read the network's inner activations (`heads.py`, through `block_features.py`) name its blocks
+by their diffusers module paths, which each adapter lists from a config with `block_names`: UNet2D "down_blocks.i",
+"mid_block", "up_blocks.i"; DiT "transformer_blocks.i", in the order the network runs them. `default_feedback_pairs`
+says which later block feeds which earlier one in a DifFeed head.
+
+Adding a backbone: subclass `VelocityBackbone`, set `network_class`, implement `network_velocity`,
+`check_spatial_size`, `block_names` and `default_feedback_pairs`, add it to `BACKBONES` under a short name, and
+give it its sizes in `presets.backbone_preset` (its `tiny` one is the network of a `PRGConfig` given no
+`backbone_config`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
@@ -67,6 +75,25 @@ class VelocityBackbone(nn.Module):
         """The dtype the network computes in: that of its weights."""
         return next(self.network.parameters()).dtype
 
+    @classmethod
+    def config_value(cls, backbone_config: dict, key: str):
+        """`backbone_config[key]`, or the network class's default for it when the config does not hold it."""
+        if key in backbone_config:
+            return backbone_config[key]
+        return inspect.signature(cls.network_class.__init__).parameters[key].default
+
+    @classmethod
+    def block_names(cls, backbone_config: dict) -> list[str]:
+        """The blocks of the network that `backbone_config` describes, as module paths, in the order it runs them."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_feedback_pairs(cls, block_shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+        """{receiving block: sending block}: where a DifFeed head feeds a later block's output back by default.
+
+        `block_shapes` maps every block name to its output shape without the batch dimension."""
+        raise NotImplementedError
+
     def check_spatial_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the size and the rule if the network cannot take (height, width) images."""
         raise NotImplementedError
@@ -84,6 +111,26 @@ class UNet2DVelocity(VelocityBackbone):
     """`diffusers.UNet2DModel` as a velocity field (unconditional)."""
 
     network_class = UNet2DModel
+
+    @classmethod
+    def block_names(cls, backbone_config):
+        down = [f"down_blocks.{index}" for index in range(len(cls.config_value(backbone_config, "down_block_types")))]
+        mid = ["mid_block"] if cls.config_value(backbone_config, "mid_block_type") is not None else []
+        up = [f"up_blocks.{index}" for index in range(len(cls.config_value(backbone_config, "up_block_types")))]
+        return down + mid + up
+
+    @classmethod
+    def default_feedback_pairs(cls, block_shapes):
+        """Each encoder block (down_blocks.i) receives the output of the first decoder block (up_blocks.j, deepest
+        first) whose output has its spatial size; encoder blocks that no decoder block matches receive nothing."""
+        decoder = [name for name in block_shapes if name.startswith("up_blocks.")]
+        pairs = {}
+        for name, shape in block_shapes.items():
+            if name.startswith("down_blocks."):
+                matching = [sender for sender in decoder if block_shapes[sender][1:] == shape[1:]]
+                if matching:
+                    pairs[name] = matching[0]
+        return pairs
 
     def check_spatial_size(self, height, width):
         factor = 2 ** (len(self.network.config.down_block_types) - 1)
@@ -106,6 +153,17 @@ class DiTVelocity(VelocityBackbone):
     """
 
     network_class = DiTTransformer2DModel
+
+    @classmethod
+    def block_names(cls, backbone_config):
+        return [f"transformer_blocks.{index}" for index in range(cls.config_value(backbone_config, "num_layers"))]
+
+    @classmethod
+    def default_feedback_pairs(cls, block_shapes):
+        """DiT has no decoder: block i receives its mirror block L − 1 − i, for i < L // 2 (as a U-Net's skips pair
+        its levels)."""
+        names = list(block_shapes)
+        return {names[index]: names[len(names) - 1 - index] for index in range(len(names) // 2)}
 
     def check_spatial_size(self, height, width):
         patch = self.network.config.patch_size

@@ -6,8 +6,10 @@ import math
 
 from transformers import PreTrainedConfig
 
-from .backbones import check_backbone_type
-from .checks import check_feature_t, check_num_steps
+from .backbones import BACKBONES, check_backbone_type
+from .block_features import check_block_names
+from .checks import check_choice, check_feature_t, check_feature_times, check_num_steps
+from .heads import HEADS
 from .paths import check_probability_path
 from .presets import backbone_preset
 from .solvers import check_solver
@@ -60,6 +62,25 @@ class PRGConfig(PreTrainedConfig):
         adjoint (`bool`, defaults to `False`): solve with torchdiffeq's adjoint method (approximate gradients).
         ode_rtol, ode_atol (`float`, defaults to 1e-5): tolerances of adaptive solvers.
         time_scale (`float`, defaults to 1000): the network sees timestep `time_scale · t`.
+        head_type (`str`, defaults to `"prg"`): the classifier head of `PRGForImageClassification` (`heads.HEADS`):
+            `"prg"` reads x at `feature_t`; `"linear"` (DDAE's probe), `"attention"`, `"difformer"` and `"diffeed"`
+            read the outputs of `feature_blocks` of the velocity network at `feature_times`. See `heads.py`.
+        feature_blocks (`list[str]`, *optional*): blocks of the velocity network whose outputs the block heads
+            read, by their diffusers module paths: UNet2D `"down_blocks.i"`, `"mid_block"`, `"up_blocks.i"`; DiT
+            `"transformer_blocks.i"`. Required by every head but `"prg"`; with `"prg"`, the blocks that
+            `PRGModel(output_block_features=True)` and the feature-extraction pipeline's `return_blocks=True` read.
+        feature_times (`list[float]`, *optional*): increasing times in (0, 1] at which the blocks are read: the
+            reversed ODE is integrated from the image through them, and at each the network is evaluated once at
+            (x_t, t) (`PRGModel.feature_states`). Defaults to `[feature_t]`.
+        feedback_blocks (`dict[str, str]`, *optional*): the `"diffeed"` head's feedback, {receiving block: sending
+            block}, the sending block later in the network with an output of the same spatial size (or token
+            count). Defaults to `VelocityBackbone.default_feedback_pairs` (UNet2D: each encoder block receives the
+            deepest decoder block of its size; DiT: block i receives block L − 1 − i).
+        head_width (`int`, defaults to 256): width W of the tokens of the attention-based heads.
+        head_depth (`int`, defaults to 2): Transformer layers of the attention-based heads.
+        head_attention_heads (`int`, defaults to 4): attention heads per layer; must divide `head_width`.
+        head_token_grid (`int`, defaults to 8): the attention-based heads pool each block output to at most
+            `head_token_grid`² tokens.
         head_pool_size (`int`, defaults to 16): the PRG head pools x_t to `head_pool_size`² per channel.
         head_hidden_size (`int`, *optional*): width of the head's hidden layer; defaults to its input size
             `num_channels · head_pool_size²` (768 for RGB), as in the paper.
@@ -86,6 +107,14 @@ class PRGConfig(PreTrainedConfig):
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
     time_scale: float | int = 1000.0
+    head_type: str = "prg"
+    feature_blocks: list[str] | None = None
+    feature_times: list[float] | None = None
+    feedback_blocks: dict[str, str] | None = None
+    head_width: int = 256
+    head_depth: int = 2
+    head_attention_heads: int = 4
+    head_token_grid: int = 8
     head_pool_size: int = 16
     head_hidden_size: int | None = None
     head_bias: bool = True
@@ -105,6 +134,12 @@ class PRGConfig(PreTrainedConfig):
             raise ValueError(f"head_pool_size must be a positive integer, got {self.head_pool_size}.")
         if self.head_hidden_size is None:
             self.head_hidden_size = self.num_channels * self.head_pool_size**2
+        if self.feature_blocks is not None and not isinstance(self.feature_blocks, str):
+            self.feature_blocks = list(self.feature_blocks)
+        if self.feature_times is not None and not isinstance(self.feature_times, str):
+            self.feature_times = [float(t) if isinstance(t, int) and not isinstance(t, bool) else t
+                                  for t in self.feature_times]
+        self.check_head()
         if not (self.fm_loss_weight >= 0 and math.isfinite(self.fm_loss_weight)):
             raise ValueError(f"fm_loss_weight (β) must be a finite number >= 0, got {self.fm_loss_weight}.")
         if not 0 <= self.label_smoothing < 1:
@@ -121,6 +156,61 @@ class PRGConfig(PreTrainedConfig):
         if not IMPORTED_FROM_PACKAGE and custom_pipelines is not None:
             self.custom_pipelines = custom_pipelines
         super().__post_init__(**kwargs)
+
+    @property
+    def block_feature_times(self) -> list[float]:
+        """The times at which the block heads read: `feature_times`, or `[feature_t]` when none are given."""
+        return list(self.feature_times) if self.feature_times is not None else [self.feature_t]
+
+    def check_head(self) -> None:
+        """Raise a ValueError naming the problem and the fix unless `head_type`, `feature_blocks`, `feature_times`,
+        `feedback_blocks` and the head sizes describe a head the network can feed. Called when the config is made
+        and again when a model is built from it (`from_pretrained(..., head_type=...)` sets fields afterwards)."""
+        check_choice("head_type", self.head_type, list(HEADS), "heads")
+        if self.feature_blocks is not None:
+            check_block_names("feature_blocks", self.feature_blocks, self.backbone_type, self.backbone_config)
+        if self.feature_times is not None:
+            check_feature_times(self.feature_times)
+        blocks = BACKBONES[self.backbone_type].block_names(self.backbone_config)
+        if HEADS[self.head_type].reads_blocks and not self.feature_blocks:
+            raise ValueError(
+                f"head_type {self.head_type!r} reads outputs of blocks of the velocity network, and feature_blocks "
+                f"names none: give feature_blocks, e.g. feature_blocks=[{blocks[len(blocks) // 2]!r}] (the blocks of "
+                f"this {self.backbone_type} network are {blocks})."
+            )
+        if self.feedback_blocks is not None:
+            self._check_feedback_blocks(blocks)
+        for name in ("head_width", "head_depth", "head_attention_heads", "head_token_grid"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.head_width % self.head_attention_heads:
+            raise ValueError(
+                f"head_attention_heads = {self.head_attention_heads} must divide head_width = {self.head_width}."
+            )
+
+    def _check_feedback_blocks(self, blocks: list[str]) -> None:
+        """`feedback_blocks`: a {receiving block: sending block} dict of the diffeed head, each sending block later
+        in the network than its receiving block."""
+        if self.head_type != "diffeed":
+            raise ValueError(
+                f"feedback_blocks configures the 'diffeed' head; head_type is {self.head_type!r}. Drop "
+                "feedback_blocks or set head_type='diffeed'."
+            )
+        if not isinstance(self.feedback_blocks, dict) or not self.feedback_blocks:
+            raise ValueError(
+                f"feedback_blocks must be a non-empty dict {{receiving block: sending block}}, got "
+                f"{self.feedback_blocks!r}; or None for the default pairs."
+            )
+        check_block_names("feedback_blocks", list(self.feedback_blocks), self.backbone_type, self.backbone_config)
+        check_block_names("feedback_blocks", list(self.feedback_blocks.values()), self.backbone_type,
+                          self.backbone_config)
+        for receiver, sender in self.feedback_blocks.items():
+            if blocks.index(sender) <= blocks.index(receiver):
+                raise ValueError(
+                    f"feedback_blocks feeds {sender!r} back into {receiver!r}, which does not run before it: the "
+                    f"sending block must come later in the network (its blocks in order: {blocks})."
+                )
 
     def to_dict(self) -> dict:
         """The config as saved: every field, plus `auto_map` and `custom_pipelines` for transformers' remote code."""

@@ -5,11 +5,16 @@
 * Features: integrate dx/dt = v_θ(x, t) from the image at t = 0 to t = `feature_t` (1 is noise) and return
   x_{feature_t}, shape (B, C, H, W), as `last_hidden_state`; `pooler_output` is x_{feature_t} average-pooled to
   `head_pool_size`² per channel and flattened, shape (B, C · head_pool_size²), which is what the PRG head reads.
+* Block features: integrate from t = 0 through the increasing `feature_times` τ_1 < … < τ_K (each segment
+  continuing from the last state, `solvers.segment_steps` intervals: `num_steps` over [0, τ_K], uniform where the
+  times allow) and at each τ_k evaluate v_θ(x_{τ_k}, τ_k) once with forward hooks on `feature_blocks`, for that call
+  only (`block_features.py`): `forward(..., output_block_features=True)`, `feature_states`, `read_blocks`.
 * Pretraining: `flow_matching_loss` (GVP, ICFM or OT-CFM, see `paths.py`).
 * Generation: `generate` integrates from noise at t = 1 to data at t = 0.
 
-`PRGForImageClassification` puts the PRG head on `pooler_output`:
-LayerNorm(C·p²) → Linear(C·p², hidden) → Tanh → Linear(hidden, num_labels), and is trained with
+`PRGForImageClassification` puts the head of `config.head_type` (`heads.py`) on the features: the PRG head
+LayerNorm(C·p²) → Linear(C·p², hidden) → Tanh → Linear(hidden, num_labels) on `pooler_output` ("prg", the
+default), or a linear, attention, DifFormer or DifFeed head on the block features. It is trained with
 L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L_FM term only when β > 0.
 
 `PRGForFlowMatching` is the pretraining model: its forward returns L_FM of a batch, so that distributed wrappers
@@ -17,7 +22,7 @@ L = CE(logits, y; label smoothing) + β · L_FM(x), β = `fm_loss_weight`, the L
 
 All three hold the velocity network under the same names (`prg.velocity.network.*`, with `base_model_prefix`
 "prg"), so a checkpoint of any of them loads into the others; a classifier's head is initialised afresh, or
-dropped.
+dropped. Heads are held as `head` (prg) or `<head_type>_head` (the others), so a head loads only into its own type.
 
 Precision. Each network computes in its weights' dtype w; everything between network evaluations (the ODE state
 x_t, the time grid, the flow-matching interpolants, targets and loss) is kept in the state dtype s =
@@ -29,7 +34,8 @@ of the network's own rounding and does not grow with `num_steps`. The dtypes of 
 | output                                              | dtype                                             |
 |-----------------------------------------------------|---------------------------------------------------|
 | last_hidden_state, hidden_states, pooler_output     | s (the features are the ODE state)                |
-| logits                                              | s: the head reads the pooled features cast to its |
+| block_features                                      | w (the network's activations)                     |
+| logits                                              | s: the head reads its features cast to its        |
 |                                                     | weights' dtype and its output is cast back to s   |
 | loss, flow-matching loss                            | s                                                 |
 | `generate` images                                   | s                                                 |
@@ -38,7 +44,9 @@ Under autocast (fp32 weights, the training scripts' mixed precision) s is float3
 products run in bfloat16 as autocast decides; the solver and the losses compute in float32.
 
 Speed. `enable_fast_inference(dtype=..., compile=..., channels_last=...)` casts the weights, compiles the velocity
-network in place and puts the 4-D weights in channels-last memory format; see `FastInferenceOptions`.
+network in place and puts the 4-D weights in channels-last memory format; see `FastInferenceOptions`. The hooked
+evaluations that read blocks run the network eagerly (hooks and compiled graphs do not mix); the solver steps
+between them use the compiled network.
 """
 
 from __future__ import annotations
@@ -62,13 +70,15 @@ from transformers.utils import ModelOutput
 from typing_extensions import Self  # typing.Self from Python 3.11; torch depends on typing_extensions
 
 from .backbones import backbone_type_of, build_backbone, state_dtype
-from .checks import check_feature_t
+from .block_features import adding_to_blocks, block_feature_key, check_block_names, reading_blocks
+from .checks import check_feature_t, check_feature_times
 from .configuration_prg import PRGConfig
 from .finiteness import check_finite_output, check_finite_weights
+from .heads import DifFeedHead, FeedbackPath, build_head, head_attribute, initialize_head_module
 from .hub_upload import push_model_to_hub
 from .paths import get_path
 from .remote_code import write_remote_code
-from .solvers import integrate
+from .solvers import integrate, segment_steps
 
 # |pixel value| above which an input cannot have come from an image processor: [0, 255] images or unnormalised
 # data. PRGImageProcessor gives [-1, 1]; mean/std normalisations of natural images stay well within ±10.
@@ -85,6 +95,25 @@ class FlowMatchingOutput(ModelOutput):
     """
 
     loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class PRGModelOutput(BaseModelOutputWithPooling):
+    """Output of `PRGModel`: `BaseModelOutputWithPooling` (last_hidden_state: x at feature_t, (B, C, H, W);
+    pooler_output: it pooled, (B, C·p²); hidden_states: the trajectory, if asked) and
+
+    Args:
+        block_features (`dict[str, torch.Tensor]`, *optional*): with `output_block_features=True`,
+            {`block_features.block_feature_key(name, t)` ("up_blocks.0@t=0.5"): the output of block `name` in
+            v_θ(x_t, t)}, for each block and time read: (B, C, h, w) for UNet2D blocks, (B, N, D) for DiT blocks.
+    """
+
+    block_features: dict[str, torch.Tensor] | None = None
+
+
+def ode_state_key(t: float) -> str:
+    """The key of the ODE state x_t among a DifFeed head's frozen features: "x@t=t"."""
+    return f"x@t={float(t)}"
 
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {
@@ -169,23 +198,18 @@ class PRGPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise only PRG's own layers (the head's Linear and LayerNorm layers, which `from_pretrained` hands
-        over one by one when a flow checkpoint has no head): Linear weights ~ N(0, initializer_range²), zero biases
-        (the last Linear has none when `config.head_bias` is False), identity LayerNorm. The diffusers network keeps
+        """Initialise only PRG's own layers (the head's modules, which `from_pretrained` hands over one by one when
+        a checkpoint has no head of this type), with `heads.initialize_head_module`: Linear and Conv weights ~
+        N(0, initializer_range²), zero biases (the PRG head's last Linear has none when `config.head_bias` is
+        False), identity LayerNorm and BatchNorm, tokens ~ N(0, initializer_range²). The diffusers network keeps
         its own initialisation.
 
         DiT's sin-cos positional embedding is a non-persistent buffer, absent from checkpoints, so it is recomputed
         here: `from_pretrained` builds the model on the meta device and would otherwise leave it undefined.
         """
         head = getattr(self, "head", None)
-        if head is not None and any(module is layer for layer in head.children()):
-            if isinstance(module, nn.Linear):
-                init.normal_(module.weight, std=self.config.initializer_range)
-                if module.bias is not None:
-                    init.zeros_(module.bias)
-            else:
-                init.ones_(module.weight)
-                init.zeros_(module.bias)
+        if head is not None and any(module is part for part in head.modules()):
+            initialize_head_module(module, self.config.initializer_range)
         elif isinstance(module, PatchEmbed) and module.pos_embed is not None:
             pos_embed = get_2d_sincos_pos_embed(
                 module.pos_embed.shape[-1],
@@ -321,11 +345,15 @@ class PRGPreTrainedModel(PreTrainedModel):
         return model
 
 
+# The weights of a classifier's head, whatever its type (`heads.head_attribute`).
+HEAD_WEIGHTS = r"^(\w+_)?head\."
+
+
 class PRGModel(PRGPreTrainedModel):
     """The velocity network v_θ and the reversed-ODE feature extractor. See the module docstring."""
 
     # A classifier checkpoint loads into PRGModel without its head, silently (as ViTModel from a ViT classifier).
-    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+    _keys_to_ignore_on_load_unexpected = [HEAD_WEIGHTS]
 
     def __init__(self, config: PRGConfig):
         super().__init__(config)
@@ -380,16 +408,16 @@ class PRGModel(PRGPreTrainedModel):
         (float32, or float64 for float64 weights or input)."""
         return pixel_values.to(state_dtype(self.velocity.weight_dtype, pixel_values.dtype))
 
-    def encode(
-        self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
+    def integrate_from(
+        self, x: torch.Tensor, t_start: float, t_end: float, num_steps: int, return_trajectory: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`. The state
-        keeps the dtype of `pixel_values` (pass `ode_state(pixel_values)`)."""
+        """Integrate dx/dt = v_θ(x, t) from x at t_start to t_end with the config's solver (and its per-step
+        checkpointing, adjoint and tolerances); see `solvers.integrate`. The state keeps the dtype of x."""
         return integrate(
             self.velocity,
-            pixel_values,
-            0.0,
-            feature_t,
+            x,
+            t_start,
+            t_end,
             num_steps,
             solver=self.config.solver,
             checkpoint=self.gradient_checkpointing,
@@ -399,6 +427,74 @@ class PRGModel(PRGPreTrainedModel):
             return_trajectory=return_trajectory,
         )
 
+    def encode(
+        self, pixel_values: torch.Tensor, feature_t: float, num_steps: int, return_trajectory: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Integrate from the images x_0 = pixel_values (t = 0) to x_{feature_t}; see `solvers.integrate`. The state
+        keeps the dtype of `pixel_values` (pass `ode_state(pixel_values)`)."""
+        return self.integrate_from(pixel_values, 0.0, feature_t, num_steps, return_trajectory)
+
+    def feature_states(self, x: torch.Tensor, feature_times: list[float], num_steps: int) -> tuple[torch.Tensor, ...]:
+        """(x_{τ_1}, …, x_{τ_K}), each (B, C, H, W): the reversed ODE integrated from x = x_0 (t = 0) through the
+        increasing `feature_times`, each segment continuing from the state the previous one reached, with
+        `solvers.segment_steps(feature_times, num_steps)` intervals (num_steps over [0, τ_K], uniform where the times
+        allow; one time τ gives exactly `encode(x, τ, num_steps)`)."""
+        states, start = [], 0.0
+        for end, steps in zip(feature_times, segment_steps(feature_times, num_steps), strict=True):
+            x = self.integrate_from(x, start, end, steps)
+            states.append(x)
+            start = end
+        return tuple(states)
+
+    def read_blocks(
+        self,
+        states: tuple[torch.Tensor, ...],
+        feature_times: list[float],
+        feature_blocks: list[str],
+        feedback: FeedbackPath | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{`block_feature_key(name, τ_k)`: the output of block `name` in v_θ(x_{τ_k}, τ_k)} for the states at
+        `feature_times` (`feature_states`) and each of `feature_blocks`: one evaluation of the network per time, with
+        forward hooks on the blocks for that call only (`block_features.reading_blocks`).
+
+        With `feedback` (a DifFeed head's `heads.FeedbackPath`), two evaluations per time: the first reads the
+        sending blocks, the second adds `feedback(sent)` to the receiving blocks and reads `feature_blocks`.
+
+        The evaluations call the velocity adapter's `forward`, so a compiled network runs them eagerly. Gradients
+        flow to the network, the states and the feedback as the caller's grad mode allows.
+        """
+        network = self.velocity.network
+        features = {}
+        for x, t in zip(states, feature_times, strict=True):
+            time = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+            additions = {}
+            if feedback is not None:
+                with reading_blocks(network, feedback.senders) as sent:
+                    self.velocity.forward(x, time)
+                additions = feedback(sent)
+            with adding_to_blocks(network, additions), reading_blocks(network, feature_blocks) as outputs:
+                self.velocity.forward(x, time)
+            features.update({block_feature_key(name, t): outputs[name] for name in feature_blocks})
+        return features
+
+    def block_reading(
+        self, feature_blocks: list[str] | None, feature_times: list[float] | None, feature_t: float
+    ) -> tuple[list[str], list[float]]:
+        """The blocks and times a call with `output_block_features=True` reads: the arguments, else the config's
+        `feature_blocks` and `feature_times`, else [feature_t]; checked, with a ValueError naming the fix."""
+        blocks = self.config.feature_blocks if feature_blocks is None else feature_blocks
+        if not blocks:
+            names = self.velocity.block_names(self.config.backbone_config)
+            raise ValueError(
+                "output_block_features=True reads blocks of the velocity network, and none are given: pass "
+                f"feature_blocks=[...] or set config.feature_blocks (this {self.config.backbone_type} network's blocks "
+                f"are {names})."
+            )
+        check_block_names("feature_blocks", blocks, self.config.backbone_type, self.config.backbone_config)
+        times = feature_times if feature_times is not None else self.config.feature_times or [feature_t]
+        check_feature_times(times)
+        return list(blocks), [float(t) for t in times]
+
     @strict_forward
     def forward(
         self,
@@ -406,8 +502,11 @@ class PRGModel(PRGPreTrainedModel):
         feature_t: float | None = None,
         num_steps: int | None = None,
         output_hidden_states: bool | None = None,
+        output_block_features: bool | None = None,
+        feature_blocks: list[str] | None = None,
+        feature_times: list[float] | None = None,
         return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> PRGModelOutput | tuple:
         """Reverse the flow from the images to `feature_t`.
 
         Args:
@@ -416,12 +515,17 @@ class PRGModel(PRGPreTrainedModel):
             feature_t, num_steps: override the config's values for this call.
             output_hidden_states: also return the trajectory x_{t_0}, …, x_{t_num_steps} (num_steps + 1 tensors of
                 shape (B, C, H, W), t_0 = 0 and the last = feature_t).
-            return_dict: return a `BaseModelOutputWithPooling` (default: `config.return_dict`) or its tuple.
+            output_block_features: also return `block_features`: the outputs of `feature_blocks` in v_θ(x_t, t) at
+                each of `feature_times` (`feature_states`, `read_blocks`). They come from an integration of their
+                own, unless the times are [feature_t]: then one integration serves both.
+            feature_blocks, feature_times: what `output_block_features` reads; default: the config's
+                `feature_blocks`, and its `feature_times` or [feature_t].
+            return_dict: return a `PRGModelOutput` (default: `config.return_dict`) or its tuple.
 
         Returns:
-            `BaseModelOutputWithPooling` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
-            hidden_states, all in the state dtype. In eval mode, features holding NaN or Inf raise
-            `prg_hub.finiteness.NonFiniteError`.
+            `PRGModelOutput` with last_hidden_state (B, C, H, W), pooler_output (B, C·p²) and, if asked,
+            hidden_states (in the state dtype) and block_features (in the network's dtype). In eval mode, features
+            holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError`.
         """
         # The values this call uses are checked, config values included (`from_pretrained(..., num_steps=...)` sets
         # config fields after the config has checked itself): feature_t here, num_steps and the solver by integrate.
@@ -431,18 +535,33 @@ class PRGModel(PRGPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
+        if not output_block_features and (feature_blocks is not None or feature_times is not None):
+            raise ValueError(
+                "feature_blocks and feature_times choose what output_block_features=True reads; pass "
+                "output_block_features=True with them."
+            )
         self.check_pixel_values(pixel_values)
+        x = self.ode_state(pixel_values)
 
-        trajectory = self.encode(
-            self.ode_state(pixel_values), feature_t, num_steps, return_trajectory=output_hidden_states
-        )
+        block_features, trajectory = None, None
+        if output_block_features:
+            blocks, times = self.block_reading(feature_blocks, feature_times, feature_t)
+            states = self.feature_states(x, times, num_steps)
+            block_features = self.read_blocks(states, times, blocks)
+            if times == [feature_t] and not output_hidden_states:
+                trajectory = states[-1]
+        if trajectory is None:
+            trajectory = self.encode(x, feature_t, num_steps, return_trajectory=output_hidden_states)
         features = trajectory[-1] if output_hidden_states else trajectory
         if not self.training:
             check_finite_output(features, "features")
-        return BaseModelOutputWithPooling(
+            for key, value in (block_features or {}).items():
+                check_finite_output(value, f"block features {key}")
+        return PRGModelOutput(
             last_hidden_state=features,
             pooler_output=self.pool(features).flatten(1),
             hidden_states=trajectory if output_hidden_states else None,
+            block_features=block_features,
         )
 
     def flow_matching_loss(
@@ -493,34 +612,73 @@ class PRGModel(PRGPreTrainedModel):
         return images.clamp(-1.0, 1.0)
 
 
-class PRGHead(nn.Module):
-    """The PRG classification head on pooled features (B, C·p²): LayerNorm → Linear → Tanh → Linear → (B, num_labels).
+class PRGForImageClassification(PRGPreTrainedModel):
+    """`PRGModel` plus a classifier head (`heads.HEADS[config.head_type]`), trained end to end through the ODE
+    solver, or on a frozen velocity network.
 
-    The last Linear, W·h (+ b), has the bias b only when `config.head_bias` (the released PRG code has none).
-    It computes in its weights' dtype and returns the logits in the dtype of the pooled features it is given (the
-    state dtype of `PRGModel`), as `backbones.VelocityBackbone` does for the network.
+    The forward pass is two stages, so that a frozen network's part can be computed once per image and cached:
+
+        frozen = model.frozen_features(pixel_values)   # no head parameter involved
+        logits = model.head_logits(frozen)             # equals model(pixel_values).logits
     """
 
     def __init__(self, config: PRGConfig):
-        super().__init__()
-        in_features = config.num_channels * config.head_pool_size**2
-        self.norm = nn.LayerNorm(in_features)
-        self.hidden = nn.Linear(in_features, config.head_hidden_size)
-        self.classifier = nn.Linear(config.head_hidden_size, config.num_labels, bias=config.head_bias)
-
-    def forward(self, pooled_features: torch.Tensor) -> torch.Tensor:
-        h = pooled_features.to(self.norm.weight.dtype)
-        return self.classifier(torch.tanh(self.hidden(self.norm(h)))).to(pooled_features.dtype)
-
-
-class PRGForImageClassification(PRGPreTrainedModel):
-    """`PRGModel` plus the PRG head, finetuned end to end through the ODE solver."""
-
-    def __init__(self, config: PRGConfig):
         super().__init__(config)
+        config.check_head()  # again: from_pretrained sets config fields after the config checked itself
         self.prg = PRGModel(config)
-        self.head = PRGHead(config)
+        self.add_module(head_attribute(config.head_type), build_head(config))
         self.post_init()
+
+    @property
+    def head(self) -> nn.Module:
+        """The classifier head, held as `head` for the prg head and as `<head_type>_head` for the others
+        (`heads.head_attribute`): a checkpoint's head weights load only into a head of the same type, and another
+        type's head starts from a fresh initialisation (its weights reported as unused)."""
+        name = head_attribute(self.config.head_type)
+        if name not in self._modules:  # while __init__ registers it
+            raise AttributeError(f"{type(self).__name__} has no {name} yet")
+        return self._modules[name]
+
+    def frozen_features(self, pixel_values: torch.Tensor, num_steps: int | None = None) -> dict[str, torch.Tensor]:
+        """What the head reads, computed with none of its parameters: the part of the forward pass that a frozen
+        velocity network lets one compute once per image and cache.
+
+        * prg: {"pooled": x at feature_t, pooled, (B, C·p²)};
+        * linear, attention, difformer: `head.reduce` of the block features at the head's times (averages (B, D)
+          or pooled tokens (B, n, D) per `block_feature_key`);
+        * diffeed: the ODE states {`ode_state_key(t)`: x_t (B, C, H, W)} at its times, since its network passes
+          depend on its feedback.
+        """
+        if not self.head.reads_blocks:
+            return {"pooled": self.prg(pixel_values, num_steps=num_steps, return_dict=True).pooler_output}
+        return self._read_for_head(pixel_values, num_steps)[0]
+
+    def head_logits(self, frozen_features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, num_labels) in the state dtype of the weights from `frozen_features`; a diffeed head runs its
+        two network passes per time here (`PRGModel.read_blocks` with its feedback)."""
+        head = self.head
+        if not head.reads_blocks:
+            return head(frozen_features["pooled"])
+        if isinstance(head, DifFeedHead):
+            states = [frozen_features[ode_state_key(t)] for t in head.feature_times]
+            block_features = self.prg.read_blocks(states, head.feature_times, head.feature_blocks, head.feedback)
+            frozen_features = head.reduce(block_features)
+        return head.classify(frozen_features).to(state_dtype(self.prg.velocity.weight_dtype))
+
+    def _read_for_head(
+        self, pixel_values: torch.Tensor, num_steps: int | None
+    ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """(`frozen_features` of a block head, the ODE states (x_0, x_{τ_1}, …, x_{τ_K}) they were read at)."""
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        self.prg.check_pixel_values(pixel_values)
+        x = self.prg.ode_state(pixel_values)
+        head = self.head
+        states = self.prg.feature_states(x, head.feature_times, num_steps)
+        if isinstance(head, DifFeedHead):
+            frozen = {ode_state_key(t): state for t, state in zip(head.feature_times, states, strict=True)}
+        else:
+            frozen = head.reduce(self.prg.read_blocks(states, head.feature_times, head.feature_blocks))
+        return frozen, (x, *states)
 
     @strict_forward
     def forward(
@@ -535,20 +693,38 @@ class PRGForImageClassification(PRGPreTrainedModel):
         """Classify images in [-1, 1], shape (B, C, H, W).
 
         With `labels` (B,) of class indices, `loss` = CE(logits, labels; label_smoothing) + β·L_FM(pixel_values)
-        where the L_FM term is added only when β = `config.fm_loss_weight` > 0. `feature_t`, `num_steps` and
-        `output_hidden_states` are those of `PRGModel.forward`.
+        where the L_FM term is added only when β = `config.fm_loss_weight` > 0.
+
+        `num_steps` overrides the config's. The prg head reads x at `feature_t` (overridable here), and
+        `output_hidden_states` returns the trajectory, as `PRGModel.forward`. The block heads read at the times they
+        were built for (`config.feature_times`): `feature_t` is refused, and `output_hidden_states` returns the
+        ODE states (x_0, x_{τ_1}, …, x_{τ_K}) they read.
         Returns `ImageClassifierOutput` with logits (B, num_labels) in the state dtype (float32 for bfloat16, float16
         or float32 weights; see the module docstring) (or its tuple, see `PRGModel.forward`). In eval mode, logits
         holding NaN or Inf raise `prg_hub.finiteness.NonFiniteError` rather than scoring a class.
         """
-        features = self.prg(
-            pixel_values,
-            feature_t=feature_t,
-            num_steps=num_steps,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.head(features.pooler_output)
+        if self.head.reads_blocks:
+            if feature_t is not None:
+                raise ValueError(
+                    f"feature_t is the time the prg head reads; this model's {self.config.head_type!r} head reads "
+                    f"its blocks at feature_times {self.head.feature_times}, fixed when it was built. Pass num_steps "
+                    "only."
+                )
+            output_hidden_states = (
+                self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            )
+            frozen, states = self._read_for_head(pixel_values, num_steps)
+            hidden_states = states if output_hidden_states else None
+        else:
+            features = self.prg(
+                pixel_values,
+                feature_t=feature_t,
+                num_steps=num_steps,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            frozen, hidden_states = {"pooled": features.pooler_output}, features.hidden_states
+        logits = self.head_logits(frozen)
         if not self.training:
             check_finite_output(logits, "logits")
 
@@ -563,7 +739,7 @@ class PRGForImageClassification(PRGPreTrainedModel):
                 )
                 loss = loss + self.config.fm_loss_weight * fm_loss
 
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=features.hidden_states)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
     _labels_passed_in_training = False  # True once a training batch's labels passed _check_labels
 
@@ -605,7 +781,7 @@ class PRGForFlowMatching(PRGPreTrainedModel):
     """
 
     # A classifier checkpoint loads into PRGForFlowMatching without its head, silently, as into PRGModel.
-    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+    _keys_to_ignore_on_load_unexpected = [HEAD_WEIGHTS]
 
     def __init__(self, config: PRGConfig):
         super().__init__(config)

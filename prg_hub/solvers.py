@@ -28,6 +28,7 @@ every sum instead: an increment h·v smaller than 2⁻⁹·|x| is lost entirely.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -86,6 +87,19 @@ def time_grid(
 ) -> torch.Tensor:
     """Uniform grid of `num_steps` + 1 times from t_start to t_end, shape (num_steps + 1,)."""
     return torch.linspace(t_start, t_end, num_steps + 1, device=device, dtype=dtype)
+
+
+def segment_steps(times: list[float], num_steps: int) -> list[int]:
+    """Grid intervals of each segment [τ_{k−1}, τ_k] (τ_0 = 0) when integrating through increasing `times`, so that
+    `num_steps` intervals span [0, τ_K] at a uniform spacing where the times allow it:
+
+        n_k = max(1, ⌊num_steps · (τ_k − τ_{k−1}) / τ_K + 1/2⌋)
+
+    With one time τ this is `num_steps` intervals over [0, τ]; times on the uniform grid of `num_steps` intervals over
+    [0, τ_K] give exactly that grid (e.g. times (0.25, 1.0), 4 steps: 1 + 3 intervals)."""
+    check_num_steps(num_steps)
+    bounds = [0.0, *times]
+    return [max(1, math.floor(num_steps * (end - start) / times[-1] + 0.5)) for start, end in zip(bounds, times)]
 
 
 class _TorchdiffeqField(nn.Module):

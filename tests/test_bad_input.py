@@ -132,7 +132,8 @@ def test_prg_model_lists_its_forward_options():
         model(torch.zeros(1, 3, 16, 16), feature_T=0.5, numsteps=2)
     assert str(error.value) == (
         "PRGModel.forward() got unexpected keyword arguments ['feature_T', 'numsteps']; it takes ['pixel_values', "
-        "'feature_t', 'num_steps', 'output_hidden_states', 'return_dict']."
+        "'feature_t', 'num_steps', 'output_hidden_states', 'output_block_features', 'feature_blocks', "
+        "'feature_times', 'return_dict']."
     )
 
 
