@@ -31,23 +31,51 @@ apply them to the model once:
 
 Other models refuse `compile` and `channels_last` with a ValueError, and keep transformers' handling of `dtype`.
 
-The feature extractor takes two per-call options of the reversed ODE:
+The feature extractor takes per-call options of the reversed ODE:
 
     extractor(images, feature_t=0.5, num_steps=10, pool=True)
+    extractor(images, return_blocks=True, feature_blocks=["mid_block"], feature_times=[0.1, 0.5])
 
 * `feature_t` in (0, 1]: where along the path x_t is read (1 is noise); defaults to the checkpoint's config.
 * `num_steps`: solver steps from t = 0 to `feature_t`; defaults to the checkpoint's config.
-* `pool`: `False` returns x_t, shape (C, H, W) per image; `True` returns the pooled vector (C·p²) the PRG head reads.
+* `pool`: `False` returns x_t, shape (1, C, H, W) per image; `True` returns the pooled vector (1, C·p²) the PRG head
+  reads.
+* `return_blocks`: also return the outputs of blocks of the velocity network (`PRGModel.forward` with
+  `output_block_features=True`): each image then gives
+
+      {"features": what the call returns without return_blocks,
+       "blocks": {"up_blocks.0@t=0.5": the block's output in v_θ(x_t, t), ...}}
+
+  with (1, C, h, w) UNet2D maps and (1, N, D) DiT tokens, or with `pool=True` their means over positions (1, D),
+  the vectors the linear head reads. `feature_blocks` and `feature_times` choose the blocks and times; they default
+  to the checkpoint's config (`feature_times`: its `feature_times`, else [feature_t]).
+
+Without `return_tensors=True` every tensor comes back as nested lists, as transformers' pipeline returns them.
 """
 
 from __future__ import annotations
 
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 from transformers.pipelines.image_classification import ImageClassificationPipeline
-from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
+from transformers.pipelines.image_feature_extraction import (
+    ImageFeatureExtractionPipeline,
+)
+from transformers.utils import ModelOutput
 
+from .block_features import mean_token
 from .image_files import open_image
 from .modeling_prg import PRGPreTrainedModel
+
+# Prefix of the block features in the pipeline's model outputs, one flat entry per block and time, so that
+# transformers' batching splits them per image as it splits the other outputs.
+BLOCK_OUTPUT_PREFIX = "block_features."
+
+
+def is_prg_model(model) -> bool:
+    """Whether `model` is a PRG model, by the class names along its MRO. Through remote code from a local folder,
+    transformers imports the model's modules and the pipeline's under different hashes, so `PRGPreTrainedModel`
+    exists twice there and `isinstance` would answer no."""
+    return any(cls.__name__ == PRGPreTrainedModel.__name__ for cls in type(model).__mro__)
 
 
 def prg_model_inputs(pipe: Pipeline, image, timeout: float | None = None, **image_processor_kwargs) -> dict:
@@ -67,7 +95,7 @@ def apply_speed_options(pipe: Pipeline, dtype, compile: bool, channels_last: boo
     for (`None` or "auto": the dtype the weights were loaded in). Any other model refuses `compile` and
     `channels_last` with a ValueError.
     """
-    if isinstance(pipe.model, PRGPreTrainedModel):
+    if is_prg_model(pipe.model):
         weights_dtype = pipe.model.dtype if dtype is None or dtype == "auto" else dtype
         pipe.model.enable_fast_inference(dtype=weights_dtype, compile=compile, channels_last=channels_last)
     elif compile or channels_last:
@@ -93,7 +121,7 @@ class PRGImageClassificationPipeline(ImageClassificationPipeline):
         apply_speed_options(self, dtype, compile, channels_last)
 
     def preprocess(self, image, **preprocess_params):
-        if isinstance(self.model, PRGPreTrainedModel):
+        if is_prg_model(self.model):
             return prg_model_inputs(self, image, **preprocess_params)
         return super().preprocess(image, **preprocess_params)
 
@@ -108,25 +136,50 @@ class PRGFeatureExtractor(ImageFeatureExtractionPipeline):
         apply_speed_options(self, dtype, compile, channels_last)
 
     def _sanitize_parameters(self, image_processor_kwargs=None, return_tensors=None, pool=None, feature_t=None,
-                             num_steps=None, **kwargs):
+                             num_steps=None, return_blocks=None, feature_blocks=None, feature_times=None, **kwargs):
         preprocess_params, _, postprocess_params = super()._sanitize_parameters(
             image_processor_kwargs=image_processor_kwargs, return_tensors=return_tensors, pool=pool, **kwargs
         )
-        forward_params = {name: value for name, value in (("feature_t", feature_t), ("num_steps", num_steps))
-                          if value is not None}
-        if forward_params and not isinstance(self.model, PRGPreTrainedModel):
+        options = {"feature_t": feature_t, "num_steps": num_steps, "return_blocks": return_blocks,
+                   "feature_blocks": feature_blocks, "feature_times": feature_times}
+        given = sorted(name for name, value in options.items() if value is not None)
+        if given and not is_prg_model(self.model):
+            raise ValueError(f"{given} only apply to PRG models; {type(self.model).__name__} does not take them.")
+        if not return_blocks and (feature_blocks is not None or feature_times is not None):
             raise ValueError(
-                f"{sorted(forward_params)} only apply to PRG models; {type(self.model).__name__} does not take them."
+                "feature_blocks and feature_times choose the blocks that return_blocks=True returns; pass "
+                "return_blocks=True with them."
             )
+        forward_params = {name: options[name] for name in ("feature_t", "num_steps") if options[name] is not None}
+        if return_blocks:
+            forward_params.update(output_block_features=True, feature_blocks=feature_blocks,
+                                  feature_times=feature_times)
+            postprocess_params["return_blocks"] = True
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, image, **preprocess_params):
-        if isinstance(self.model, PRGPreTrainedModel):
+        if is_prg_model(self.model):
             return prg_model_inputs(self, image, **preprocess_params)
         return super().preprocess(image, **preprocess_params)
 
     def _forward(self, model_inputs, **forward_params):
-        return self.model(**model_inputs, **forward_params)
+        outputs = self.model(**model_inputs, **forward_params)
+        if not forward_params.get("output_block_features"):
+            return outputs
+        flat = {"last_hidden_state": outputs.last_hidden_state, "pooler_output": outputs.pooler_output}
+        flat.update({BLOCK_OUTPUT_PREFIX + key: value for key, value in outputs.block_features.items()})
+        return ModelOutput(flat)
+
+    def postprocess(self, model_outputs, pool=None, return_tensors=False, return_blocks=False):
+        features = super().postprocess(model_outputs, pool=pool, return_tensors=return_tensors)
+        if not return_blocks:
+            return features
+        blocks = {}
+        for name, value in model_outputs.items():
+            if name.startswith(BLOCK_OUTPUT_PREFIX):
+                value = mean_token(value) if pool else value
+                blocks[name[len(BLOCK_OUTPUT_PREFIX):]] = value if return_tensors else value.tolist()
+        return {"features": features, "blocks": blocks}
 
 
 PIPELINE_CLASSES = {

@@ -6,10 +6,10 @@ they import relatively), and imports them. So every checkpoint that prg_hub save
 weights:
 * in `config.json`: `auto_map` (`AutoConfig`, `AutoModel`, `AutoModelForImageClassification`,
   `AutoModelForPreTraining`) and `custom_pipelines` (PRG's `image-classification` and `image-feature-extraction`
-  pipelines, which take `feature_t` and `num_steps`); both written by `PRGConfig`;
+  pipelines, which take `feature_t`, `num_steps` and `return_blocks`); both written by `PRGConfig`;
 * in `preprocessor_config.json`: `auto_map` (`AutoImageProcessor`), written by the image processor;
 * the package modules those names need (`remote_code_files()`: the entry modules and every module they import
-  relatively, transitively), copied flat.
+  relatively, transitively: the heads and the block reading among them), copied flat.
 
     AutoModelForImageClassification.from_pretrained("org/prg-c10", trust_remote_code=True)
     pipeline("image-feature-extraction", model="org/prg-c10", trust_remote_code=True)(img, feature_t=0.5)

@@ -98,6 +98,31 @@ def test_push_then_from_pretrained_and_pipeline_pull_the_same_model(hub_server, 
                                rtol=1e-5, atol=1e-6)
 
 
+def test_a_block_head_classifier_is_pushed_and_pulled_exactly(hub_server):
+    torch.manual_seed(0)
+    config = PRGConfig(image_size=16, num_steps=2, num_labels=3, id2label=LABELS, head_type="attention",
+                       feature_blocks=["up_blocks.0"], feature_times=[0.25, 0.5], head_width=32, head_depth=1,
+                       head_attention_heads=2)
+    model = PRGForImageClassification(config).eval()
+    repo_id = "org/prg-attention-head"
+    push_model_to_hub(model, repo_id)
+
+    loaded = PRGForImageClassification.from_pretrained(repo_id).eval()
+    assert (loaded.config.head_type, loaded.config.feature_blocks, loaded.config.feature_times) == (
+        "attention", ["up_blocks.0"], [0.25, 0.5])
+    assert_same_weights(loaded, model)
+    image = random_image(2)
+    np.testing.assert_allclose(pipeline_output("image-classification", repo_id, image), direct_output(model, image),
+                               rtol=1e-5, atol=1e-6)
+    blocks = pipeline("image-feature-extraction", model=repo_id)(image, return_blocks=True, return_tensors=True)
+    pixel_values = PRGImageProcessor(size={"height": 16, "width": 16})(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.prg(pixel_values, output_block_features=True).block_features
+    assert blocks["blocks"].keys() == expected.keys() == {"up_blocks.0@t=0.25", "up_blocks.0@t=0.5"}
+    for key, value in expected.items():
+        torch.testing.assert_close(blocks["blocks"][key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_model_push_to_hub_uploads_processor_and_prg_card(hub_server):
     model = tiny_model(PRGForImageClassification, seed=0)
     commit = model.push_to_hub("org/method-push", commit_message="first version", tags=["demo"])

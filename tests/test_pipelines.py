@@ -114,6 +114,65 @@ def test_image_classification_pipeline_is_the_prg_subclass(checkpoint):
     assert type(pipeline("image-classification", model=str(checkpoint))) is PRGImageClassificationPipeline
 
 
+@pytest.fixture(scope="module")
+def block_head_checkpoint(tmp_path_factory):
+    """A DifFormer classifier over two blocks at two times."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("prg-difformer")
+    config = PRGConfig(num_steps=2, id2label=LABELS, head_type="difformer", feature_blocks=["mid_block", "up_blocks.0"],
+                       feature_times=[0.25, 0.5], head_width=32, head_depth=1, head_attention_heads=2)
+    PRGForImageClassification(config).save_pretrained(folder)
+    PRGImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def test_image_classification_pipeline_serves_a_block_head(block_head_checkpoint, pil_images):
+    predictions = pipeline("image-classification", model=str(block_head_checkpoint))(pil_images[0], top_k=3)
+    model = PRGForImageClassification.from_pretrained(block_head_checkpoint).eval()
+    pixel_values = PRGImageProcessor()(pil_images[0], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probabilities = model(pixel_values).logits.softmax(-1)[0]
+    label_indices = {label: index for index, label in LABELS.items()}
+    for prediction in predictions:
+        label_index = label_indices[prediction["label"]]
+        assert prediction["score"] == pytest.approx(probabilities[label_index].item(), abs=1e-6)
+
+
+def test_feature_extraction_returns_the_blocks_of_the_config(block_head_checkpoint, pil_images):
+    extractor = pipeline("image-feature-extraction", model=str(block_head_checkpoint))
+    output = extractor(pil_images[0], return_blocks=True, return_tensors=True)
+    assert torch.equal(output["features"], extractor(pil_images[0], return_tensors=True))  # as without blocks
+    expected = reference_features(block_head_checkpoint, pil_images[0], output_block_features=True).block_features
+    assert list(output["blocks"]) == ["mid_block@t=0.25", "up_blocks.0@t=0.25", "mid_block@t=0.5",
+                                      "up_blocks.0@t=0.5"]
+    for key, value in expected.items():
+        torch.testing.assert_close(output["blocks"][key], value, rtol=0, atol=0)
+    pooled = extractor(pil_images[0], return_blocks=True, pool=True)
+    assert np.asarray(pooled["features"]).shape == (1, 768)
+    for key, value in expected.items():  # pooled: the mean over positions, as the linear head reads it
+        np.testing.assert_allclose(pooled["blocks"][key], value.mean(dim=(2, 3)).numpy(), rtol=1e-6, atol=1e-6)
+    batched = extractor(pil_images, return_blocks=True, return_tensors=True, batch_size=2)
+    alone = extractor(pil_images[1], return_blocks=True, return_tensors=True)
+    for key, value in alone["blocks"].items():  # each image gets its own blocks (up to batch-size rounding)
+        torch.testing.assert_close(batched[1]["blocks"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_extraction_reads_the_blocks_and_times_of_the_call(checkpoint, pil_images):
+    extractor = pipeline("image-feature-extraction", model=str(checkpoint))
+    output = extractor(pil_images[0], return_blocks=True, feature_blocks=["down_blocks.1"], feature_times=[0.5],
+                       return_tensors=True)
+    expected = reference_features(checkpoint, pil_images[0], output_block_features=True,
+                                  feature_blocks=["down_blocks.1"], feature_times=[0.5]).block_features
+    assert list(output["blocks"]) == ["down_blocks.1@t=0.5"]
+    torch.testing.assert_close(output["blocks"]["down_blocks.1@t=0.5"], expected["down_blocks.1@t=0.5"])
+    assert output["blocks"]["down_blocks.1@t=0.5"].shape == (1, 32, 16, 16)
+    with pytest.raises(ValueError, match=r"output_block_features=True reads blocks .* pass feature_blocks"):
+        extractor(pil_images[0], return_blocks=True)  # the PRG-head checkpoint names no blocks
+    with pytest.raises(ValueError, match=r"feature_blocks and feature_times choose the blocks that return_blocks=True "
+                                         r"returns; pass return_blocks=True with them"):
+        extractor(pil_images[0], feature_blocks=["mid_block"])
+
+
 def model_input(pipe, image) -> torch.Tensor:
     """The pixel values that `pipe(image)` hands to its model."""
     captured = []

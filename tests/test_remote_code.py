@@ -137,6 +137,51 @@ def test_a_saved_pretraining_checkpoint_loads_through_transformers_alone(tmp_pat
     torch.testing.assert_close(load_file(tmp_path / "loss.safetensors")["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
+REMOTE_BLOCK_HEAD = BLOCK_PRG_HUB + """
+import json
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageClassification, pipeline
+
+folder, inputs, image_path, output = sys.argv[1:5]
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(load_file(inputs)["pixel_values"]).logits
+piped = pipeline("image-feature-extraction", model=folder, trust_remote_code=True)(
+    image_path, return_blocks=True, return_tensors=True)
+save_file({"logits": logits, **{key: value.contiguous() for key, value in piped["blocks"].items()}}, output)
+print(chr(10) + json.dumps({
+    "head": type(model.head).__name__,
+    "prg_hub_imported": any(name.split(".")[0] == "prg_hub" for name in sys.modules),
+}))
+"""
+
+
+def test_a_block_head_checkpoint_works_through_transformers_alone(image_path, tmp_path):
+    """A DifFeed classifier (two network passes with feedback hooks) and the blocks of its feature-extraction
+    pipeline, from the code the checkpoint carries."""
+    torch.manual_seed(0)
+    config = PRGConfig(backbone_type="dit", image_size=16, num_steps=2, num_labels=3, id2label=LABELS,
+                       head_type="diffeed", feature_blocks=["transformer_blocks.1"], feature_times=[0.5],
+                       head_width=32, head_depth=1, head_attention_heads=2)
+    model = PRGForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    default_image_processor(16).save_pretrained(tmp_path / "checkpoint")
+    pixel_values = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
+
+    report = json.loads(run_python(REMOTE_BLOCK_HEAD, tmp_path / "checkpoint", tmp_path / "inputs.safetensors",
+                                   image_path, tmp_path / "remote.safetensors").stdout.strip().splitlines()[-1])
+    assert report == {"head": "DifFeedHead", "prg_hub_imported": False}
+    remote = load_file(tmp_path / "remote.safetensors")
+    image_pixels = default_image_processor(16)(Image.open(image_path), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], model(pixel_values).logits, rtol=1e-5, atol=1e-6)
+        blocks = model.prg(image_pixels, output_block_features=True).block_features
+    torch.testing.assert_close(remote["transformer_blocks.1@t=0.5"], blocks["transformer_blocks.1@t=0.5"],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_a_pushed_checkpoint_works_through_transformers_alone(pushed_classifier, image_path, tmp_path):
     repo_id, model = pushed_classifier
     files = HfApi().list_repo_files(repo_id)
