@@ -11,8 +11,8 @@ split with `examples/evaluate.py`:
 |---------------|---------------------------------------------------------------------------|---------------------|
 | `prg_otcfm`   | `pretrain.py --probability_path otcfm`, then `finetune.py` from that flow | pretrain + finetune |
 | `scratch`     | `finetune.py --from_scratch`, the same steps and batch                    | finetune            |
-| `frozen_head` | `linear_probe.py --method prg_head` on the frozen flow                    | pretrain + probe    |
-| `ddae_probe`  | `linear_probe.py --method ddae` (block activations, linear layer)         | pretrain + probe    |
+| `frozen_head` | `linear_probe.py --head_type prg` on the frozen flow                      | pretrain + probe    |
+| `ddae_probe`  | `linear_probe.py --head_type linear` (one block at t = 0.011, linear)     | pretrain + probe    |
 
 Each row records its top-1 (the probes': their own score on the whole evaluation split at the end of training),
 its device minutes, the images it trained on (steps × global batch, for probes epochs × training images), the
@@ -122,8 +122,9 @@ def main() -> None:
                      "images_seen": args.finetune_steps * args.finetune_batch_size
                      + (pretrain_images if pretrained else 0),
                      "commands": [*(pretrain_commands if pretrained else []), command, evaluate_command]}
-    probes = {"frozen_head": ["--method", "prg_head", "--num_steps", args.num_steps],
-              "ddae_probe": ["--method", "ddae", "--block", args.ddae_block]}
+    probes = {"frozen_head": ["--head_type", "prg", "--num_steps", args.num_steps],
+              "ddae_probe": ["--head_type", "linear", "--feature_blocks", args.ddae_block, "--feature_times", 0.011,
+                             "--num_steps", 1]}
     for row, method_arguments in probes.items():
         if row not in args.rows:
             continue

@@ -4,7 +4,15 @@
         --augmentation randaugment --train_batch_size 128 --num_train_epochs 200 --output_dir runs/prg-c10
 
 Model: x_0 = image (B, 3, H, W) in [-1, 1]; x_t = ODESolve(v_θ, x_0, 0 → feature_t, num_steps); the PRG head
-maps AvgPool16(x_t) (B, 768) to logits (B, num_labels). Loss:
+maps AvgPool16(x_t) (B, 768) to logits (B, num_labels). Any other head reads blocks of v_θ instead (--head_type
+linear, attention, difformer or diffeed, with --feature_blocks and --feature_times; `prg_hub/heads.py`): the ODE is
+solved from x_0 through the times and v_θ evaluated at each, so the gradient reaches the network both through the
+blocks read and through the states:
+
+    accelerate launch examples/finetune.py --head_type attention --feature_blocks up_blocks.0 --feature_times 0.25 \
+        --num_steps 4 --model_name_or_path runs/otcfm-c10 --dataset uoft-cs/cifar10 --output_dir runs/attention-c10
+
+Loss:
     L = CE(logits, y; label smoothing) + β · L_FM(x_0)          β = --fm_loss_weight
 Optimiser: AdamW (default lr = 1.25e-4 · global batch / 512, as the official recipe), a linear warm-up from
 --warmup_start_lr_ratio · lr, then a cosine decay to --min_lr_ratio · lr (prg_hub/lr_schedules.py). The gradient
@@ -35,7 +43,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from prg_hub import PATHS, SOLVERS, PRGConfig, PRGForImageClassification, default_image_processor
+from prg_hub import HEADS, PATHS, SOLVERS, PRGConfig, PRGForImageClassification, default_image_processor
 from prg_hub.augment import AUGMENTATIONS, TrainAugmentation
 from prg_hub.backbones import BACKBONES
 from prg_hub.checkpointing import save_checkpoint
@@ -70,8 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--dropout", type=float, default=None,
                        help="With --from_scratch only: dropout of the network (default: the preset's or the "
                             "pretrained config's; the released code: 0).")
+    model.add_argument("--head_type", choices=list(HEADS), default="prg", help="The head (prg_hub/heads.py).")
+    model.add_argument("--feature_blocks", nargs="+", default=None,
+                       help="Blocks the head reads (every head but prg), e.g. mid_block up_blocks.0.")
+    model.add_argument("--feature_times", nargs="+", type=float, default=None,
+                       help="Increasing times in (0, 1] at which the blocks are read (default: --feature_t).")
     model.add_argument("--feature_t", type=float, default=1.0, help="Time of the representation x_t (1 is noise).")
-    model.add_argument("--num_steps", type=int, default=20, help="Solver steps from t = 0 to feature_t.")
+    model.add_argument("--num_steps", type=int, default=20,
+                       help="Solver steps from t = 0 to feature_t (prg head) or to the last of --feature_times.")
     model.add_argument("--solver", choices=SOLVERS, default="euler")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute each solver step in backward.")
     model.add_argument("--adjoint", action="store_true", help="torchdiffeq adjoint gradients (approximate).")
@@ -149,13 +163,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args, label_names: list[str]) -> PRGForImageClassification:
-    """The classifier: pretrained flow + new head, or (--from_scratch) the same architecture randomly initialised."""
+    """The classifier: pretrained flow + new head of --head_type, or (--from_scratch) the same architecture randomly
+    initialised."""
     classifier_config = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {name: index for index, name in enumerate(label_names)},
         "feature_t": args.feature_t,
         "num_steps": args.num_steps,
+        "head_type": args.head_type,
+        "feature_blocks": args.feature_blocks,
+        "feature_times": args.feature_times,
         "solver": args.solver,
         "adjoint": args.adjoint,
         "fm_loss_weight": args.fm_loss_weight,

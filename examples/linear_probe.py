@@ -1,23 +1,33 @@
-"""Frozen-feature baselines: a pretrained flow stays fixed, only a small classifier on its features is trained.
+"""Frozen-flow classifiers: a pretrained flow stays fixed and only a head on its features is trained, any head.
 
-    # (a) PRG endpoint features, head only (the paper's "frozen" row)
-    accelerate launch examples/linear_probe.py --method prg_head --model_name_or_path runs/otcfm-c10 \
+    # (a) the PRG head on x at feature_t (the paper's "frozen" row)
+    accelerate launch examples/linear_probe.py --head_type prg --model_name_or_path runs/otcfm-c10 \
         --dataset uoft-cs/cifar10 --feature_t 1.0 --num_steps 20 --output_dir runs/probe-prg-c10
-    # (b) DDAE: internal activations of one block at a low noise level, global-average pooled, linear classifier
-    accelerate launch examples/linear_probe.py --method ddae --block up_blocks.1 --noise_t 0.011 \
-        --model_name_or_path runs/otcfm-c10 --dataset uoft-cs/cifar10 --output_dir runs/probe-ddae-c10
+    # (b) DDAE's probe: one block's output at a low noise level, averaged over positions, BatchNorm, one Linear
+    accelerate launch examples/linear_probe.py --head_type linear --feature_blocks up_blocks.0 --feature_times 0.011 \
+        --num_steps 1 --model_name_or_path runs/otcfm-c10 --dataset uoft-cs/cifar10 --output_dir runs/probe-ddae-c10
+    # (c) DifFormer over two blocks at two times
+    accelerate launch examples/linear_probe.py --head_type difformer --feature_blocks mid_block up_blocks.0 \
+        --feature_times 0.011 0.25 --num_steps 4 --model_name_or_path runs/otcfm-c10 --dataset uoft-cs/cifar10 \
+        --output_dir runs/probe-difformer-c10
 
-Features (no augmentation) are computed once for the train and evaluation splits, every process taking a shard,
-and gathered. Then the classifier is trained on the cached features for --num_train_epochs with AdamW and
-cosine decay (DDAE: Adam 1e-3, 15 epochs), identically on every process; the main process saves it.
+The classifier is `PRGForImageClassification` with the pretrained flow and a new head of --head_type (prg, linear,
+attention, difformer, diffeed; `prg_hub/heads.py`) reading --feature_blocks at --feature_times. Its forward pass is
+split in two (`frozen_features`, `head_logits`):
 
-* prg_head: x_0 = image, x_t = ODESolve(v_θ, x_0, 0 → feature_t); features AvgPool16(x_t) flattened, (B, 768);
-  the classifier is the PRG head (LayerNorm → Linear → Tanh → Linear). Saved as a complete
-  `PRGForImageClassification` (the frozen flow plus the trained head), which evaluate.py and pipelines load.
-* ddae: x_t = α_t·x_0 + σ_t·ε at t = --noise_t (t = 0 is data; DDAE's DDPM step 11 of 1000 is about 0.011),
-  with ε seeded per sample; the output of --block of the velocity network during v_θ(x_t, t), averaged over
-  space (UNet, (B, C, h, w) → (B, C)) or tokens (DiT, (B, N, D) → (B, D)); features standardised with the
-  training mean and std, then one Linear layer. Saved as `probe.safetensors` + `probe_config.json`.
+1. `frozen_features`, computed once for the train and evaluation splits (no augmentation), every process taking a
+   shard, then gathered: the pooled x at --feature_t (prg), the blocks' outputs at the times reduced to averages
+   (linear) or pooled tokens (attention, difformer), or the ODE states at the times (diffeed, whose network passes
+   depend on its feedback). Every time comes from one reversed-ODE pass per image.
+2. `head_logits` trains on them for --num_train_epochs with AdamW and cosine decay, identically on every process
+   (diffeed runs its two network passes per time in every step, from the cached states).
+
+The flow stays frozen throughout (`requires_grad_(False)`, eval mode); the main process saves the whole classifier
+(the flow's weights as loaded, the trained head), which evaluate.py and the pipelines load.
+
+DDAE's probe, (b): its noised x_t = α_t·x + σ_t·ε is the reversed ODE's state x_t here (deterministic: one Euler step
+to t = 0.011 with --num_steps 1), and its standardisation by the training features' mean and std is the linear
+head's BatchNorm without affine parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import argparse
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,28 +45,27 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 
-from prg_hub import PRGForImageClassification, default_image_processor
+from prg_hub import HEADS, PRGForImageClassification, default_image_processor
 from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.finiteness import NonFiniteError
 from prg_hub.run_records import save_model, write_json
 
 logger = get_logger(__name__)
-METHODS = ("prg_head", "ddae")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Frozen-feature baselines of a pretrained PRG flow.")
-    parser.add_argument("--method", choices=METHODS, required=True)
+    parser = argparse.ArgumentParser(description="Train a head on the features of a frozen PRG flow.")
     parser.add_argument("--model_name_or_path", required=True, help="Pretrained flow: local folder or Hub id.")
-    parser.add_argument("--feature_t", type=float, default=1.0, help="prg_head: time of x_t (1 is noise).")
-    parser.add_argument("--num_steps", type=int, default=20, help="prg_head: solver steps from t = 0.")
-    parser.add_argument("--block", default="mid_block",
-                        help="ddae: block of the velocity network, e.g. mid_block, up_blocks.1, transformer_blocks.6.")
-    parser.add_argument("--noise_t", type=float, default=0.011, help="ddae: noise level t of x_t (0 is data).")
+    parser.add_argument("--head_type", choices=list(HEADS), default="prg", help="The head (prg_hub/heads.py).")
+    parser.add_argument("--feature_blocks", nargs="+", default=None,
+                        help="Blocks the head reads, e.g. mid_block up_blocks.0 (DiT: transformer_blocks.6).")
+    parser.add_argument("--feature_times", nargs="+", type=float, default=None,
+                        help="Increasing times in (0, 1] at which the blocks are read (default: --feature_t).")
+    parser.add_argument("--feature_t", type=float, default=1.0, help="prg head: time of x_t (1 is noise).")
+    parser.add_argument("--num_steps", type=int, default=20,
+                        help="Solver steps from t = 0 to --feature_t (prg) or to the last of --feature_times.")
     parser.add_argument("--dataset", required=True, help="Hub dataset id or local folder (parquet or imagefolder).")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--label_column", default=None)
@@ -64,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--feature_batch_size", type=int, default=256, help="Per-process batch for features.")
-    parser.add_argument("--train_batch_size", type=int, default=256, help="Batch of the classifier training.")
+    parser.add_argument("--train_batch_size", type=int, default=256, help="Batch of the head's training.")
     parser.add_argument("--num_train_epochs", type=int, default=15)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=0.0)
@@ -72,101 +82,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--output_dir", required=True)
-    args = parser.parse_args(argv)
-    if not 0 <= args.noise_t <= 1:
-        parser.error(f"--noise_t must be in [0, 1] (0 is data, 1 is noise), got {args.noise_t}.")
-    return args
-
-
-def probe_blocks(network: nn.Module) -> list[str]:
-    """Blocks a DDAE probe can read: every entry of the network's block lists, and its middle block."""
-    names = []
-    for name, child in network.named_children():
-        if isinstance(child, nn.ModuleList):
-            names += [f"{name}.{index}" for index in range(len(child))]
-        elif name == "mid_block":
-            names.append(name)
-    return names
-
-
-class DDAEFeatures:
-    """Global-average-pooled output of one block of v_θ evaluated at x_t = α_t·x + σ_t·ε, t = noise_t."""
-
-    def __init__(self, prg, block: str, noise_t: float, seed: int):
-        network = prg.velocity.network
-        if block not in probe_blocks(network):
-            raise ValueError(
-                f"Unknown --block {block!r} for this {type(network).__name__}: choose one of {probe_blocks(network)}."
-            )
-        self.prg, self.noise_t, self.seed = prg, noise_t, seed
-        self._activation = None
-        network.get_submodule(block).register_forward_hook(self._keep_output)
-
-    def _keep_output(self, module, inputs, output):
-        self._activation = output[0] if isinstance(output, tuple) else output
-
-    def __call__(self, pixel_values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images and their dataset indices → (B, D) pooled activations."""
-        noise = torch.stack([
-            torch.randn(pixel_values.shape[1:], generator=torch.Generator().manual_seed(self.seed * 10**7 + int(i)))
-            for i in indices
-        ]).to(pixel_values)
-        t = torch.full((pixel_values.shape[0],), self.noise_t, device=pixel_values.device)
-        x_t = self.prg.probability_path.interpolate(pixel_values, noise, t)
-        self.prg.velocity(x_t, t)
-        activation = self._activation.float()
-        return activation.mean(dim=(2, 3)) if activation.dim() == 4 else activation.mean(dim=1)
-
-
-class LinearProbe(nn.Module):
-    """(x − mean) / std, then Linear(D, num_labels); mean and std are the training features' (buffers)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_labels: int):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(mean.numel(), num_labels)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features - self.mean) / self.std)
+    return parser.parse_args(argv)
 
 
 @torch.no_grad()
-def extract_features(feature_fn, dataloader, accelerator, description: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) and labels (N,) of a whole split, in dataset order, on every process."""
+def extract_frozen_features(model, dataloader, accelerator, description: str):
+    """`model.frozen_features` {key: (N, ...)} and the labels (N,) of a whole split, in dataset order, on every
+    process (on the CPU)."""
     dataloader = accelerator.prepare(dataloader)
-    features, labels, indices = [], [], []
+    batches, labels, indices = [], [], []
     for batch in tqdm(dataloader, desc=description, disable=not accelerator.is_local_main_process):
-        batch_features = feature_fn(batch["pixel_values"], batch["index"])
-        gathered = accelerator.gather_for_metrics((batch_features, batch["labels"], batch["index"]))
-        for store, value in zip((features, labels, indices), gathered, strict=True):
-            store.append(value.cpu())
+        features = model.frozen_features(batch["pixel_values"])
+        features, batch_labels, batch_indices = accelerator.gather_for_metrics(
+            (features, batch["labels"], batch["index"]))
+        batches.append({key: value.cpu() for key, value in features.items()})
+        labels.append(batch_labels.cpu())
+        indices.append(batch_indices.cpu())
     order = torch.cat(indices).argsort()
-    return torch.cat(features)[order], torch.cat(labels)[order]
+    return {key: torch.cat([batch[key] for batch in batches])[order] for key in batches[0]}, torch.cat(labels)[order]
 
 
-def train_classifier(classifier: nn.Module, train, evaluation, args) -> list[dict]:
-    """AdamW with cosine decay on cached (features, labels); returns the per-epoch train and eval top-1."""
+def take(features: dict[str, torch.Tensor], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The cached features of `rows`, on `device`."""
+    return {key: value[rows].to(device) for key, value in features.items()}
+
+
+@torch.no_grad()
+def accuracy(model, features, labels, batch_size: int, device) -> float:
+    """Top-1 of the head (eval mode) on cached features."""
+    rows = torch.arange(len(labels)).split(batch_size)
+    correct = sum((model.head_logits(take(features, batch, device)).argmax(-1).cpu() == labels[batch]).sum().item()
+                  for batch in rows)
+    return correct / len(labels)
+
+
+def train_head(model, train, evaluation, args, device) -> list[dict]:
+    """AdamW with cosine decay on the head's parameters, from cached (features, labels); returns per epoch the
+    top-1 on the training batches as they were trained, and on the evaluation split."""
     (train_features, train_labels), (eval_features, eval_labels) = train, evaluation
+    head = model.head.requires_grad_(True)
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = math.ceil(len(train_labels) / args.train_batch_size)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0,
                               num_training_steps=args.num_train_epochs * steps_per_epoch)
     history = []
     for epoch in range(args.num_train_epochs):
-        classifier.train()
+        head.train()
+        correct = 0
         for batch in torch.randperm(len(train_labels), generator=generator).split(args.train_batch_size):
-            loss = F.cross_entropy(classifier(train_features[batch]), train_labels[batch])
+            labels = train_labels[batch].to(device)
+            logits = model.head_logits(take(train_features, batch, device))
+            loss = F.cross_entropy(logits, labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        classifier.eval()
-        with torch.no_grad():
-            train_top1 = (classifier(train_features).argmax(-1) == train_labels).float().mean().item()
-            eval_top1 = (classifier(eval_features).argmax(-1) == eval_labels).float().mean().item()
-        history.append({"epoch": epoch, "train_top1": train_top1, "eval_top1": eval_top1, "loss": loss.item()})
+            correct += (logits.argmax(-1) == labels).sum().item()
+        head.eval()
+        eval_top1 = accuracy(model, eval_features, eval_labels, args.train_batch_size, device)
+        history.append({"epoch": epoch, "train_top1": correct / len(train_labels), "eval_top1": eval_top1,
+                        "loss": loss.item()})
+        logger.info(f"epoch {epoch}: loss {loss.item():.4f} eval_top1 {eval_top1:.4f}")
     return history
 
 
@@ -179,7 +156,7 @@ def main(argv=None):
         args.dataset, image_column=args.image_column, label_column=args.label_column, cache_dir=args.cache_dir
     )
     label_names = image_data.label_names
-    set_seed(args.seed)
+    set_seed(args.seed)  # the same head initialisation on every process
     model = PRGForImageClassification.from_pretrained(
         args.model_name_or_path,
         num_labels=len(label_names),
@@ -187,15 +164,12 @@ def main(argv=None):
         label2id={name: index for index, name in enumerate(label_names)},
         feature_t=args.feature_t,
         num_steps=args.num_steps,
+        head_type=args.head_type,
+        feature_blocks=args.feature_blocks,
+        feature_times=args.feature_times,
     )
-    model.requires_grad_(False).eval()
-    prg = accelerator.prepare_model(model.prg, evaluation_mode=True)
+    model.requires_grad_(False).eval().to(accelerator.device)  # the flow stays frozen; only the head will train
 
-    if args.method == "prg_head":
-        def feature_fn(pixel_values, indices):
-            return prg(pixel_values).pooler_output
-    else:
-        feature_fn = DDAEFeatures(accelerator.unwrap_model(prg), args.block, args.noise_t, args.seed)
     train_dataloader, eval_dataloader = get_dataloaders(
         image_data,
         default_image_processor(model.config.image_size),
@@ -208,44 +182,37 @@ def main(argv=None):
         shuffle=False,  # features are cached in dataset order
         num_workers=args.dataloader_num_workers,
     )
-    splits = {
-        "train": extract_features(feature_fn, train_dataloader, accelerator, "features (train)"),
-        "eval": extract_features(feature_fn, eval_dataloader, accelerator, "features (eval)"),
-    }
-    train_features = splits["train"][0]
-
-    if args.method == "prg_head":
-        classifier = model.head.requires_grad_(True)
-    else:
-        classifier = LinearProbe(train_features.mean(0), train_features.std(0).clamp_min(1e-6), len(label_names))
-    history = train_classifier(classifier, splits["train"], splits["eval"], args)
+    start = time.perf_counter()
+    train = extract_frozen_features(model, train_dataloader, accelerator, "features (train)")
+    evaluation = extract_frozen_features(model, eval_dataloader, accelerator, "features (eval)")
+    extract_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    history = train_head(model, train, evaluation, args, accelerator.device)
+    train_seconds = time.perf_counter() - start
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if args.method == "prg_head":
-            save_model(model, output_dir)
-        else:
-            save_file(classifier.state_dict(), str(output_dir / "probe.safetensors"))
-            write_json(output_dir / "probe_config.json", {
-                "flow": args.model_name_or_path, "block": args.block, "noise_t": args.noise_t,
-                "feature_dim": train_features.shape[1], "id2label": dict(enumerate(label_names)), "seed": args.seed,
-            })
+        save_model(model, output_dir)
         final = history[-1]
+        feature_dim = sum(value[0].numel() for value in train[0].values())
         metrics = {
-            "method": args.method,
+            "head_type": args.head_type,
+            "feature_blocks": model.config.feature_blocks,
+            "feature_times": model.config.block_feature_times if model.head.reads_blocks else None,
             "top1": final["eval_top1"],
             "train_top1": final["train_top1"],
-            "feature_dim": train_features.shape[1],
-            "num_train": len(splits["train"][1]),
-            "num_eval": len(splits["eval"][1]),
+            "feature_dim": feature_dim,
+            "num_train": len(train[1]),
+            "num_eval": len(evaluation[1]),
+            "extract_seconds": extract_seconds,
+            "train_seconds": train_seconds,
             "history": history,
         }
         write_json(output_dir / "args.json", vars(args))
         write_json(output_dir / "metrics.json", metrics)
-        detail = f"feature_t={args.feature_t}" if args.method == "prg_head" else f"block={args.block} t={args.noise_t}"
         print(
-            f"linear_probe: method={args.method} {detail} top1={final['eval_top1']:.4f} "
-            f"train_top1={final['train_top1']:.4f} feature_dim={train_features.shape[1]} output_dir={output_dir}"
+            f"linear_probe: head_type={args.head_type} top1={final['eval_top1']:.4f} "
+            f"train_top1={final['train_top1']:.4f} feature_dim={feature_dim} output_dir={output_dir}"
         )
     accelerator.wait_for_everyone()  # every process tears the process group down together
     accelerator.end_training()

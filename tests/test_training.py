@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 
 from prg_hub import PRGConfig, PRGForFlowMatching, PRGForImageClassification, PRGModel
 from prg_hub.checkpointing import checkpoint_path, list_checkpoints, prune_checkpoints, resolve_checkpoint
-from prg_hub.presets import backbone_preset
 from prg_hub.reproducibility import parameters_sha256
 from prg_hub.run_records import push_training_output
 from prg_hub.training_loop import TrainingProgress, resume_position
@@ -368,30 +367,31 @@ def test_finetune_from_a_hub_flow_and_push_with_a_card_from_the_run(pretrained, 
 
 @pytest.fixture(scope="session")
 def probes(pretrained, shapes, gray_shapes, tmp_path_factory):
-    """Both frozen-feature baselines (one process each, run side by side). {method: (dir, result)}."""
+    """Two frozen-flow heads (one process each, run side by side): the PRG head on x_1, and DDAE's linear probe on
+    up_blocks.0 at t = 0.011. {head_type: (dir, result)}."""
     flow_dir, _ = pretrained
     root = tmp_path_factory.mktemp("probe")
     common = ["--model_name_or_path", flow_dir, "--num_train_epochs", 15, "--train_batch_size", 32,
               "--feature_batch_size", 40]
     runs = {
-        "prg_head": (root / "prg_head", start("linear_probe.py", [
-            "--method", "prg_head", "--dataset", shapes, "--num_steps", 2, "--output_dir", root / "prg_head", *common,
+        "prg": (root / "prg", start("linear_probe.py", [
+            "--head_type", "prg", "--dataset", shapes, "--num_steps", 2, "--output_dir", root / "prg", *common,
         ], num_processes=1)),
-        "ddae": (root / "ddae", start("linear_probe.py", [
-            "--method", "ddae", "--block", "up_blocks.0", "--noise_t", 0.011, "--dataset", gray_shapes,
-            "--output_dir", root / "ddae", "--learning_rate", 1e-2, *common,
+        "linear": (root / "linear", start("linear_probe.py", [
+            "--head_type", "linear", "--feature_blocks", "up_blocks.0", "--feature_times", 0.011, "--num_steps", 1,
+            "--dataset", gray_shapes, "--output_dir", root / "linear", "--learning_rate", 1e-2, *common,
         ], num_processes=1)),
     }
-    return {method: (folder, finish(process)) for method, (folder, process) in runs.items()}
+    return {head_type: (folder, finish(process)) for head_type, (folder, process) in runs.items()}
 
 
 def test_linear_probe_prg_head_is_a_classifier_evaluate_agrees_with(probes, shapes, tmp_path):
-    output_dir, result = probes["prg_head"]
+    output_dir, result = probes["prg"]
     metrics = read_json(output_dir / "metrics.json")
     assert metrics["feature_dim"] == 3 * 16 * 16 and metrics["num_train"] == 192 and metrics["num_eval"] == 96
     assert metrics["top1"] > 2 * CHANCE and metrics["train_top1"] > 2 * CHANCE
     summary = summary_line(result, "linear_probe")
-    assert summary["method"] == "prg_head" and float(summary["top1"]) == pytest.approx(metrics["top1"], abs=1e-4)
+    assert summary["head_type"] == "prg" and float(summary["top1"]) == pytest.approx(metrics["top1"], abs=1e-4)
     # The saved flow + head scores the same top-1 through evaluate.py (2 processes, uneven shards).
     evaluation = launch("evaluate.py", ["--model_name_or_path", output_dir, "--dataset", shapes, "--batch_size", 20,
                                         "--output_dir", tmp_path, "--confusion_matrix"])
@@ -409,17 +409,42 @@ def test_linear_probe_prg_head_is_a_classifier_evaluate_agrees_with(probes, shap
     assert progress_bars(evaluation, "evaluate") == 1
 
 
-def test_linear_probe_ddae_on_grayscale_data(probes):
-    output_dir, result = probes["ddae"]
+def test_linear_probe_ddae_linear_head_on_grayscale_data_keeps_the_flow_frozen(probes, pretrained):
+    output_dir, result = probes["linear"]
     metrics = read_json(output_dir / "metrics.json")
-    assert metrics["feature_dim"] == 32  # channels of the tiny UNet's first up block
+    assert metrics["feature_dim"] == 32  # channels of the tiny UNet's first up block, averaged over positions
+    assert (metrics["feature_blocks"], metrics["feature_times"]) == (["up_blocks.0"], [0.011])
     assert metrics["num_train"] == 96 and metrics["num_eval"] == 48
     assert metrics["top1"] > 1.5 * CHANCE and metrics["train_top1"] > 1.5 * CHANCE
-    weights = load_file(output_dir / "probe.safetensors")
-    assert weights["linear.weight"].shape == (6, 32) and torch.isfinite(weights["linear.weight"]).all()
-    config = read_json(output_dir / "probe_config.json")
-    assert config["block"] == "up_blocks.0" and config["id2label"]["5"] == "bar"
-    assert summary_line(result, "linear_probe")["method"] == "ddae"
+    assert summary_line(result, "linear_probe")["head_type"] == "linear"
+    model = PRGForImageClassification.from_pretrained(output_dir)
+    assert model.config.head_type == "linear" and model.config.id2label[5] == "bar"
+    assert model.head.classifier.weight.shape == (6, 32) and torch.isfinite(model.head.classifier.weight).all()
+    flow = PRGModel.from_pretrained(pretrained[0]).state_dict()
+    assert all(torch.equal(model.prg.state_dict()[name], tensor) for name, tensor in flow.items())
+
+
+def test_linear_probe_trains_diffeed_on_cached_states_through_its_feedback(shapes, tmp_path):
+    """DifFeed needs the network in its forward: its cached features are the ODE states, and every training step
+    runs the feedback pass (its BatchNorm counts one batch per step), while the flow stays as it was."""
+    torch.manual_seed(0)
+    flow = PRGForFlowMatching(PRGConfig(image_size=IMAGE_SIZE, backbone_config={
+        "block_out_channels": [16, 32, 32], "down_block_types": ["DownBlock2D"] * 3,
+        "up_block_types": ["UpBlock2D"] * 3, "layers_per_block": 1, "norm_num_groups": 8, "add_attention": False}))
+    flow.save_pretrained(tmp_path / "flow")
+    result = launch("linear_probe.py", [
+        "--model_name_or_path", tmp_path / "flow", "--dataset", shapes, "--head_type", "diffeed",
+        "--feature_blocks", "mid_block", "--feature_times", 0.5, "--num_steps", 1, "--max_train_samples", 32,
+        "--max_eval_samples", 16, "--train_batch_size", 16, "--num_train_epochs", 2, "--output_dir", tmp_path / "run",
+    ], num_processes=1)
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert metrics["feature_dim"] == 3 * IMAGE_SIZE**2  # the state x_0.5 of each image
+    assert [record["epoch"] for record in metrics["history"]] == [0, 1]
+    assert summary_line(result, "linear_probe")["head_type"] == "diffeed"
+    model = PRGForImageClassification.from_pretrained(tmp_path / "run")
+    assert model.head.feedback.receivers == ["down_blocks.0"]
+    assert model.head.feedback.maps[0][1].num_batches_tracked.item() == 2 * 2  # 2 epochs of 2 steps
+    assert all(torch.equal(model.prg.state_dict()[name], tensor) for name, tensor in flow.prg.state_dict().items())
 
 
 def test_generate_writes_a_grid_of_distinct_images(pretrained, tmp_path):
@@ -518,22 +543,6 @@ def test_recipe_errors_name_the_bad_key_or_value(tmp_path, capsys):
     assert (args.preset, args.use_ema) == ("tiny", True)
 
 
-def test_ddae_features_of_a_dit_block_and_unknown_block_error():
-    probe = load_example("linear_probe")
-    model = PRGModel(PRGConfig(backbone_type="dit", backbone_config=backbone_preset("dit", "tiny", 16)))
-    features = probe.DDAEFeatures(model, "transformer_blocks.1", noise_t=0.1, seed=0)
-    images = torch.rand(3, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        pooled = features(images, torch.tensor([0, 1, 2]))
-        alone = features(images[1:2], torch.tensor([1]))
-        other_seed = probe.DDAEFeatures(model, "transformer_blocks.1", noise_t=0.1, seed=1)(images, torch.arange(3))
-    assert pooled.shape == (3, 32)  # width of the tiny DiT, averaged over its 16 tokens
-    assert torch.allclose(alone, pooled[1:2], atol=1e-5)  # the noise is seeded per sample, not per batch
-    assert not torch.allclose(other_seed, pooled, atol=1e-3)
-    with pytest.raises(ValueError, match=r"'up_blocks.0'.*\['transformer_blocks.0', 'transformer_blocks.1'\]"):
-        probe.DDAEFeatures(model, "up_blocks.0", noise_t=0.1, seed=0)
-
-
 def test_from_scratch_has_the_pretrained_architecture_but_fresh_weights(pretrained):
     finetune = load_example("finetune")
     flow_dir, _ = pretrained
@@ -547,3 +556,30 @@ def test_from_scratch_has_the_pretrained_architecture_but_fresh_weights(pretrain
     assert all(torch.equal(loaded[key], flow[key]) for key in flow)  # the flow's weights, loaded
     assert not all(torch.equal(fresh[key], flow[key]) for key in flow)  # random initialisation
     assert torch.isfinite(pretrained_model.head.hidden.weight).all() and pretrained_model.head.hidden.weight.std() > 0
+
+
+def test_finetune_builds_any_head_from_the_command_line(pretrained):
+    finetune = load_example("finetune")
+    common = ["--model_name_or_path", str(pretrained[0]), "--dataset", "d", "--output_dir", "o", "--num_steps", "2"]
+    model = finetune.build_model(finetune.parse_args([
+        *common, "--head_type", "difformer", "--feature_blocks", "mid_block", "up_blocks.0", "--feature_times", "0.25",
+        "0.5"]), CLASSES)
+    assert type(model.head).__name__ == "DifFormerHead"
+    assert (model.config.feature_blocks, model.config.feature_times) == (["mid_block", "up_blocks.0"], [0.25, 0.5])
+    with pytest.raises(ValueError, match=r"Unknown feature_blocks entry 'up_blocks.9'"):
+        finetune.build_model(finetune.parse_args([*common, "--head_type", "linear", "--feature_blocks", "up_blocks.9"]),
+                             CLASSES)
+
+
+def test_finetune_trains_a_block_head_and_the_flow_through_the_ode(pretrained, shapes, tmp_path):
+    flow_dir, _ = pretrained
+    output_dir = tmp_path / "run"
+    launch("finetune.py", ["--model_name_or_path", flow_dir, "--dataset", shapes, "--output_dir", output_dir,
+                           "--train_batch_size", 16, *FINETUNE_ARGS, "--max_train_steps", 2, "--head_type", "attention",
+                           "--feature_blocks", "up_blocks.0", "--feature_times", 0.5], num_processes=1)
+    model = PRGForImageClassification.from_pretrained(output_dir)
+    assert type(model.head).__name__ == "AttentionHead" and model.config.feature_times == [0.5]
+    flow = PRGModel.from_pretrained(flow_dir).state_dict()
+    trained = model.prg.state_dict()
+    assert not all(torch.equal(trained[name], tensor) for name, tensor in flow.items())  # trained through the ODE
+    assert 0 <= read_json(output_dir / "metrics.json")["final_top1"] <= 1
