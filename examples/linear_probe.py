@@ -17,10 +17,11 @@ split in two (`frozen_features`, `head_logits`):
 
 1. `frozen_features`, computed once for the train and evaluation splits (no augmentation), every process taking a
    shard, then gathered: the pooled x at --feature_t (prg), the blocks' outputs at the times reduced to averages
-   (linear) or pooled tokens (attention, difformer), or the ODE states at the times (diffeed, whose network passes
-   depend on its feedback). Every time comes from one reversed-ODE pass per image.
+   (linear) or pooled tokens (attention, difformer), or the ODE states at the times and the outputs of the sending
+   blocks of the first network pass there (diffeed, whose second pass depends on its feedback). All times come from
+   one reversed-ODE pass per image.
 2. `head_logits` trains on them for --num_train_epochs with AdamW and cosine decay, identically on every process
-   (diffeed runs its two network passes per time in every step, from the cached states).
+   (diffeed runs its second network pass, with the feedback, per time in every step, from the cached states).
 
 The flow stays frozen throughout (`requires_grad_(False)`, eval mode); the main process saves the whole classifier
 (the flow's weights as loaded, the trained head), which evaluate.py and the pipelines load.

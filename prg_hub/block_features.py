@@ -5,7 +5,8 @@
     outputs  # {"down_blocks.1": (B, C, h, w), "mid_block": (B, C, h, w)}
 
 The hooks live only inside the `with` block: they are removed on leaving it, also when the call raises, so a model
-never keeps a hook, nor the tensors a hook captured, from one call to the next.
+never keeps a hook, nor the tensors a hook captured, from one call to the next. With `stop_when_read=True` the call
+stops once the last block asked for has run, skipping the layers after it.
 
 Blocks are named by their module paths in the diffusers network, as `backbones.VelocityBackbone.block_names` lists
 them: UNet2D "down_blocks.i", "mid_block", "up_blocks.i"; DiT "transformer_blocks.i". What a block gives:
@@ -66,19 +67,36 @@ def _hidden_state(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+class _AllBlocksRead(Exception):
+    """Raised by the last hook of `reading_blocks(..., stop_when_read=True)` to skip the rest of the network call."""
+
+
 @contextmanager
-def reading_blocks(network: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def reading_blocks(
+    network: nn.Module, names: Sequence[str], stop_when_read: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
     """Within the `with` block, every call of `network` stores the output (hidden state) of each block of `names` in
-    the yielded dict, under its name. The hooks are removed on leaving the block, whatever happens inside it."""
+    the yielded dict, under its name. The hooks are removed on leaving the block, whatever happens inside it.
+
+    With `stop_when_read`, the call ends as soon as every block of `names` has run: the network's later layers are
+    skipped and the call returns nothing (the statement making it is abandoned, and the `with` block goes on after
+    it). For callers that want the blocks' outputs only, which then cost only the layers up to the last of them.
+    """
     outputs: dict[str, torch.Tensor] = {}
+    wanted = set(names)
     handles = []
     try:
-        for name in names:
+        for name in wanted:
             def keep(module, inputs, output, name=name):
                 outputs[name] = _hidden_state(output)
+                if stop_when_read and wanted <= outputs.keys():
+                    raise _AllBlocksRead
 
             handles.append(network.get_submodule(name).register_forward_hook(keep))
-        yield outputs
+        try:
+            yield outputs
+        except _AllBlocksRead:
+            pass
     finally:
         for handle in handles:
             handle.remove()
@@ -116,7 +134,7 @@ def block_output_shapes(
     with torch.device("meta"):
         velocity = build_backbone(backbone_type, backbone_config, time_scale=1.0)
         names = BACKBONES[backbone_type].block_names(backbone_config)
-        with reading_blocks(velocity.network, names) as outputs:
+        with reading_blocks(velocity.network, names, stop_when_read=True) as outputs:
             velocity(torch.zeros(1, num_channels, image_size, image_size), torch.zeros(1))
     return {name: tuple(outputs[name].shape[1:]) for name in names}
 

@@ -31,15 +31,16 @@ Block heads work in two stages, so that features of a frozen velocity network ca
 `block_features` is {`block_features.block_feature_key(name, t)`: block output}, as `PRGModel` returns it; a head
 reads the keys of its own blocks and times and ignores any other.
 
-DifFeed (`FeedbackPath`): on a first network pass at (x_t, t) the outputs of later ("sending") blocks are read; on a
-second pass at the same (x_t, t) each is mapped and added to the output of an earlier ("receiving") block:
+DifFeed (`FeedbackPath`): on a first network pass at (x_t, t) the outputs of later ("sending") blocks are read (they
+are part of its frozen features); on a second pass at the same (x_t, t) each is mapped and added to the output of
+an earlier ("receiving") block:
 
     UNet2D: receiving output += ReLU(BatchNorm(Conv1×1(sending output)))      (maps of the same h × w)
     DiT:    receiving tokens += GELU(LayerNorm(Linear(sending tokens)))        (the same N tokens)
 
 The pairs are `feedback_blocks` ({receiving: sending}), by default `VelocityBackbone.default_feedback_pairs`: for
 UNet2D each encoder block receives the deepest decoder block of its output size, for DiT block i receives block
-L − 1 − i. The second pass's `feature_blocks` go to the attention head. `PRGModel.read_blocks` runs both passes.
+L − 1 − i. The second pass's `feature_blocks` go to the attention head (`PRGModel.read_blocks` with the feedback).
 
 Every head computes in its weights' dtype; `PRGForImageClassification` casts the logits to the state dtype.
 Heads are built from a `PRGConfig` (typed `PreTrainedConfig` here: the config module imports this one).

@@ -452,13 +452,16 @@ class PRGModel(PRGPreTrainedModel):
         feature_times: list[float],
         feature_blocks: list[str],
         feedback: FeedbackPath | None = None,
+        sent: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """{`block_feature_key(name, τ_k)`: the output of block `name` in v_θ(x_{τ_k}, τ_k)} for the states at
         `feature_times` (`feature_states`) and each of `feature_blocks`: one evaluation of the network per time, with
-        forward hooks on the blocks for that call only (`block_features.reading_blocks`).
+        forward hooks on the blocks for that call only, which stops once the last of them has run
+        (`block_features.reading_blocks`).
 
-        With `feedback` (a DifFeed head's `heads.FeedbackPath`), two evaluations per time: the first reads the
-        sending blocks, the second adds `feedback(sent)` to the receiving blocks and reads `feature_blocks`.
+        With `feedback` (a DifFeed head's `heads.FeedbackPath`), `feedback(outputs of its sending blocks)` is added
+        to its receiving blocks in that evaluation. The sending blocks' outputs come from a first evaluation at the
+        same (x_t, t), made here, or from `sent` ({`block_feature_key(sender, τ_k)`: output}) when given.
 
         The evaluations call the velocity adapter's `forward`, so a compiled network runs them eagerly. Gradients
         flow to the network, the states and the feedback as the caller's grad mode allows.
@@ -469,10 +472,13 @@ class PRGModel(PRGPreTrainedModel):
             time = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
             additions = {}
             if feedback is not None:
-                with reading_blocks(network, feedback.senders) as sent:
-                    self.velocity.forward(x, time)
-                additions = feedback(sent)
-            with adding_to_blocks(network, additions), reading_blocks(network, feature_blocks) as outputs:
+                if sent is None:
+                    with reading_blocks(network, feedback.senders, stop_when_read=True) as sent_now:
+                        self.velocity.forward(x, time)
+                else:
+                    sent_now = {name: sent[block_feature_key(name, t)] for name in feedback.senders}
+                additions = feedback(sent_now)
+            with adding_to_blocks(network, additions), reading_blocks(network, feature_blocks, True) as outputs:
                 self.velocity.forward(x, time)
             features.update({block_feature_key(name, t): outputs[name] for name in feature_blocks})
         return features
@@ -646,22 +652,45 @@ class PRGForImageClassification(PRGPreTrainedModel):
         * prg: {"pooled": x at feature_t, pooled, (B, C·p²)};
         * linear, attention, difformer: `head.reduce` of the block features at the head's times (averages (B, D)
           or pooled tokens (B, n, D) per `block_feature_key`);
-        * diffeed: the ODE states {`ode_state_key(t)`: x_t (B, C, H, W)} at its times, since its network passes
-          depend on its feedback.
+        * diffeed: the ODE states {`ode_state_key(t)`: x_t (B, C, H, W)} at its times and the outputs of its
+          sending blocks there (the first of its two passes); the second pass depends on its feedback.
         """
         if not self.head.reads_blocks:
             return {"pooled": self.prg(pixel_values, num_steps=num_steps, return_dict=True).pooler_output}
         return self._read_for_head(pixel_values, num_steps)[0]
 
+    def frozen_blocks(self) -> list[str]:
+        """The blocks whose outputs a block head's `frozen_features` are made of, at each of its times: its
+        `feature_blocks`, or a DifFeed head's sending blocks."""
+        head = self.head
+        return list(dict.fromkeys(head.feedback.senders)) if isinstance(head, DifFeedHead) else head.feature_blocks
+
+    def frozen_features_of_pass(
+        self, states: dict[float, torch.Tensor], block_features: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`frozen_features` from a reversed-ODE pass already made (one pass can serve several heads): `states`
+        {t: x_t} holding the head's times (the prg head: `feature_t`), and `block_features` holding the outputs of
+        `frozen_blocks()` at them."""
+        head = self.head
+        if not head.reads_blocks:
+            return {"pooled": self.prg.pool(states[self.config.feature_t]).flatten(1)}
+        if not isinstance(head, DifFeedHead):
+            return head.reduce(block_features)
+        frozen = {ode_state_key(t): states[t] for t in head.feature_times}
+        frozen.update({block_feature_key(name, t): block_features[block_feature_key(name, t)]
+                       for t in head.feature_times for name in self.frozen_blocks()})
+        return frozen
+
     def head_logits(self, frozen_features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, num_labels) in the state dtype of the weights from `frozen_features`; a diffeed head runs its
-        two network passes per time here (`PRGModel.read_blocks` with its feedback)."""
+        second network pass per time here (`PRGModel.read_blocks` with its feedback)."""
         head = self.head
         if not head.reads_blocks:
             return head(frozen_features["pooled"])
         if isinstance(head, DifFeedHead):
             states = [frozen_features[ode_state_key(t)] for t in head.feature_times]
-            block_features = self.prg.read_blocks(states, head.feature_times, head.feature_blocks, head.feedback)
+            block_features = self.prg.read_blocks(states, head.feature_times, head.feature_blocks, head.feedback,
+                                                  sent=frozen_features)
             frozen_features = head.reduce(block_features)
         return head.classify(frozen_features).to(state_dtype(self.prg.velocity.weight_dtype))
 
@@ -672,13 +701,10 @@ class PRGForImageClassification(PRGPreTrainedModel):
         num_steps = self.config.num_steps if num_steps is None else num_steps
         self.prg.check_pixel_values(pixel_values)
         x = self.prg.ode_state(pixel_values)
-        head = self.head
-        states = self.prg.feature_states(x, head.feature_times, num_steps)
-        if isinstance(head, DifFeedHead):
-            frozen = {ode_state_key(t): state for t, state in zip(head.feature_times, states, strict=True)}
-        else:
-            frozen = head.reduce(self.prg.read_blocks(states, head.feature_times, head.feature_blocks))
-        return frozen, (x, *states)
+        times = self.head.feature_times
+        states = self.prg.feature_states(x, times, num_steps)
+        block_features = self.prg.read_blocks(states, times, self.frozen_blocks())
+        return self.frozen_features_of_pass(dict(zip(times, states, strict=True)), block_features), (x, *states)
 
     @strict_forward
     def forward(

@@ -186,6 +186,21 @@ def test_model_output_carries_the_block_features_at_each_time(backbone_type):
     assert torch.equal(output.last_hidden_state, plain.last_hidden_state)  # x at feature_t, as without blocks
 
 
+def test_reading_blocks_stops_the_network_after_the_last_block_read(monkeypatch):
+    model = PRGModel(head_config("unet2d", "prg")).eval()
+    x = model.ode_state(images())
+    with torch.no_grad():
+        full = model.read_blocks((x,), [0.5], ["mid_block"])
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("a layer after the last block read ran")
+
+    monkeypatch.setattr(model.velocity.network.up_blocks[0], "forward", unreachable)
+    with torch.no_grad():
+        assert torch.equal(model.read_blocks((x,), [0.5], ["mid_block"])["mid_block@t=0.5"], full["mid_block@t=0.5"])
+    assert hook_count(model) == 0
+
+
 def test_block_reading_errors_name_the_fix():
     model = PRGModel(head_config("unet2d", "prg")).eval()
     with pytest.raises(ValueError, match=r"output_block_features=True reads blocks .* pass feature_blocks=\[...\] or "
@@ -237,6 +252,32 @@ def test_frozen_features_then_head_logits_equal_the_forward_pass():
         x = images()
         with torch.no_grad():
             assert torch.equal(model.head_logits(model.frozen_features(x)), model(x).logits), head_type
+
+
+def test_one_pass_serves_every_head_as_its_own_frozen_features_would():
+    """A pass through the union of the heads' times and blocks gives each head exactly its own frozen features."""
+    models = {head_type: classifier("unet2d", head_type) for head_type in HEADS}
+    flow = models["prg"].prg
+    x = images()
+    times = [0.25, 0.5, 1.0]
+    with torch.no_grad():
+        states = dict(zip(times, flow.feature_states(flow.ode_state(x), times, num_steps=4), strict=True))
+        blocks = sorted({name for model in models.values() if model.head.reads_blocks
+                         for name in model.frozen_blocks()})
+        block_features = flow.read_blocks([states[0.25], states[0.5]], [0.25, 0.5], blocks)
+        for head_type, model in models.items():
+            if head_type == "prg":
+                continue  # x_1 of this pass: 1 + 1 + 2 steps, the grid of 4 steps to 1 (0.25, 0.5, 0.75, 1)
+            own = model.frozen_features(x)
+            shared = model.frozen_features_of_pass(states, block_features)
+            assert own.keys() == shared.keys(), head_type
+            for key, value in own.items():
+                torch.testing.assert_close(shared[key], value, rtol=0, atol=1e-6, msg=f"{head_type} {key}")
+        pooled = models["prg"].frozen_features_of_pass(states, block_features)["pooled"]
+        torch.testing.assert_close(pooled, models["prg"].frozen_features(x, num_steps=4)["pooled"], rtol=0,
+                                   atol=1e-6)
+    assert set(models["diffeed"].frozen_features(x)) == {"x@t=0.25", "x@t=0.5", "up_blocks.0@t=0.25",
+                                                         "up_blocks.0@t=0.5"}  # states and the sending block
 
 
 def test_linear_head_is_ddae_probe_on_the_block_output_at_x_tau():

@@ -425,8 +425,9 @@ def test_linear_probe_ddae_linear_head_on_grayscale_data_keeps_the_flow_frozen(p
 
 
 def test_linear_probe_trains_diffeed_on_cached_states_through_its_feedback(shapes, tmp_path):
-    """DifFeed needs the network in its forward: its cached features are the ODE states, and every training step
-    runs the feedback pass (its BatchNorm counts one batch per step), while the flow stays as it was."""
+    """DifFeed needs the network in its forward: its cached features are the ODE states and the first pass's sending
+    block, and every training step runs the feedback pass (its BatchNorm counts one batch per step), while the flow
+    stays as it was."""
     torch.manual_seed(0)
     flow = PRGForFlowMatching(PRGConfig(image_size=IMAGE_SIZE, backbone_config={
         "block_out_channels": [16, 32, 32], "down_block_types": ["DownBlock2D"] * 3,
@@ -438,7 +439,7 @@ def test_linear_probe_trains_diffeed_on_cached_states_through_its_feedback(shape
         "--max_eval_samples", 16, "--train_batch_size", 16, "--num_train_epochs", 2, "--output_dir", tmp_path / "run",
     ], num_processes=1)
     metrics = read_json(tmp_path / "run" / "metrics.json")
-    assert metrics["feature_dim"] == 3 * IMAGE_SIZE**2  # the state x_0.5 of each image
+    assert metrics["feature_dim"] == 3 * IMAGE_SIZE**2 + 32 * 8 * 8  # x_0.5 and up_blocks.0 of the first pass
     assert [record["epoch"] for record in metrics["history"]] == [0, 1]
     assert summary_line(result, "linear_probe")["head_type"] == "diffeed"
     model = PRGForImageClassification.from_pretrained(tmp_path / "run")
