@@ -45,13 +45,13 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from prg_hub import PRGForImageClassification, PRGModel, default_image_processor
+from prg_hub import HEADS, PRGForImageClassification, PRGModel, default_image_processor
 from prg_hub.data import get_dataloaders, load_image_dataset
 from prg_hub.heads import DifFeedHead
 from prg_hub.run_records import describe_machine
 from prg_hub.solvers import segment_steps
 
-HEAD_TYPES = ("prg", "linear", "attention", "difformer", "diffeed")
+HEAD_TYPES = list(HEADS)
 LINEAR_PROBE = Path(__file__).resolve().parents[1] / "examples" / "linear_probe.py"
 
 
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_train_samples", type=int, default=10_000)
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Default: the whole evaluation split.")
     parser.add_argument("--epochs", type=int, default=15, help="Training epochs of every head.")
-    parser.add_argument("--heads", nargs="+", choices=HEAD_TYPES, default=list(HEAD_TYPES))
+    parser.add_argument("--heads", nargs="+", choices=HEAD_TYPES, default=HEAD_TYPES)
     parser.add_argument("--best_block", default="up_blocks.0", help="The block of linear, attention and diffeed.")
     parser.add_argument("--best_time", type=float, default=0.011, help="Their time (DDAE: 0.011).")
     parser.add_argument("--difformer_blocks", nargs="+", default=["mid_block", "up_blocks.0"])
