@@ -13,7 +13,7 @@
 ID_OR_DIR is a Hub repo id ("org/name") or a folder saved with `save_pretrained`; without one, the CIFAR-10
 classifier installed with the package (`prg_hub.DEFAULT_MODEL`) is used, offline. Images: a file named on the
 command line is read whatever its extension; a directory expands, recursively and in sorted order, to the files
-in it with an image extension (`IMAGE_EXTENSIONS`). A file that cannot be read is reported on stderr as
+in it with an image extension (`image_files.IMAGE_EXTENSIONS`). A file that cannot be read is reported on stderr as
 `PATH: cannot read image (REASON)` and skipped; the others are still processed. Batches of more than one
 `--batch-size` show a progress bar on stderr. The model runs on the GPU when torch sees one.
 
@@ -50,7 +50,7 @@ import prg_hub
 from .checks import check_feature_t, check_num_steps
 from .finiteness import NonFiniteError
 from .hub_server import DEFAULT_MAX_THREADS, DEFAULT_MAX_UPLOAD_BYTES, run_hub_server
-from .image_files import UnreadableImageError, open_image
+from .image_files import IMAGE_EXTENSIONS, UnreadableImageError, open_image
 from .image_grid import save_image_grid
 from .image_processing_prg import PRGImageProcessor, default_image_processor, default_image_processor_class
 from .loading import architecture_of, count_parameters, load_prg_config
@@ -59,9 +59,6 @@ from .modeling_prg import PRGForImageClassification, PRGModel
 from .run_records import push_training_output
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-IMAGE_EXTENSIONS = frozenset(
-    {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
-)
 FEATURE_FORMATS = (".safetensors", ".npy")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # What loading a checkpoint raises for a missing, unreachable or corrupt one: OSError (missing files, Hub and

@@ -30,7 +30,7 @@ from transformers import pipeline
 
 import prg_hub
 
-from .image_files import UnreadableImageError, open_image
+from .image_files import IMAGE_EXTENSIONS, UnreadableImageError, open_image
 from .image_grid import to_pil_images
 from .loading import architecture_of, load_prg_config
 from .modeling_prg import PRGForImageClassification
@@ -38,7 +38,6 @@ from .solvers import time_grid
 
 # The example images of the repository (a source checkout or a Space); a wheel does not install them.
 EXAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 40_000_000  # larger uploads are refused before they are decoded
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # gradio refuses larger files before they reach the demo
 TOP_K = 5

@@ -23,6 +23,10 @@ from PIL import Image
 URL_SCHEMES = ("http://", "https://")
 DATA_URI_PREFIX = "data:image/"
 MAX_SHOWN_CHARS = 100  # of a base64 string named in an error message
+# File extensions taken as images when a folder is listed (`prg-hub` commands, the demo's examples).
+IMAGE_EXTENSIONS = frozenset(
+    {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
+)
 
 
 class UnreadableImageError(ValueError):

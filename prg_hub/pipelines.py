@@ -57,9 +57,7 @@ from __future__ import annotations
 
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 from transformers.pipelines.image_classification import ImageClassificationPipeline
-from transformers.pipelines.image_feature_extraction import (
-    ImageFeatureExtractionPipeline,
-)
+from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
 from transformers.utils import ModelOutput
 
 from .block_features import mean_token
