@@ -1,6 +1,6 @@
 """The heads compared on one frozen flow: every way of reading it, trained on the same images for the same epochs.
 
-    python benchmarks/heads_comparison.py --model FLOW --dataset DATA --max_train_samples 10000 --epochs 15 \
+    python benchmarks/heads_comparison.py --model FLOW --dataset DATA --max_train_samples 10000 --epochs 8 \
         --output benchmarks/results/heads_cifar10.json
     python benchmarks/heads_comparison.py --model FLOW --dataset DATA --max_train_samples 64 --max_eval_samples 64 \
         --epochs 1                                                     # a smoke run
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_split", default="eval", help="'eval' picks test, validation, valid or val.")
     parser.add_argument("--max_train_samples", type=int, default=10_000)
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Default: the whole evaluation split.")
-    parser.add_argument("--epochs", type=int, default=15, help="Training epochs of every head.")
+    parser.add_argument("--epochs", type=int, default=8, help="Training epochs of every head.")
     parser.add_argument("--heads", nargs="+", choices=HEAD_TYPES, default=HEAD_TYPES)
     parser.add_argument("--best_block", default="up_blocks.0", help="The block of linear, attention and diffeed.")
     parser.add_argument("--best_time", type=float, default=0.011, help="Their time (DDAE: 0.011).")
